@@ -1,0 +1,400 @@
+/**
+ * One NBD connection: drives the sans-IO handshake and request parser from `src/nbd/` over a
+ * socket, runs requests against the export's BlockDevice concurrently, and answers each as it
+ * completes (out of order).
+ *
+ * Memory per connection is bounded: requests in flight are capped by count and by bytes (a
+ * request's bytes stay counted until its reply has left the socket), and reading pauses while
+ * the cap is reached or the socket's write side is backed up. Besides that, at most one WRITE
+ * payload (≤ maxPayload) is being received.
+ *
+ *   handshake ──► opening ──► transmission ──► draining (DISC, shutdown) ──► closed
+ */
+import type { Socket } from 'node:net';
+import type { Logger } from 'pino';
+import {
+  BASE_ALLOCATION_ID,
+  ByteQueue,
+  RequestParser,
+  ServerHandshake,
+  blockStatusChunk,
+  errorChunk,
+  nbdErrorFor,
+  noneChunk,
+  offsetDataHeader,
+  offsetHoleChunk,
+  simpleReply,
+  type HandshakeOptions,
+  type NbdRequest,
+  type NegotiatedExport,
+  type StatusDescriptor,
+} from '../nbd/index.js';
+import * as C from '../nbd/constants.js';
+import type { BlockDevice, ExportCatalog, ReadPiece } from '../store/types.js';
+import { OperationError } from '../util/errors.js';
+
+export interface SessionLimits {
+  maxInFlightRequests: number;
+  maxInFlightBytes: number;
+  maxPayload: number;
+  /** Most descriptors one BLOCK_STATUS reply carries. */
+  maxStatusDescriptors: number;
+}
+
+export interface SessionContext {
+  catalog: ExportCatalog;
+  logger: Logger;
+  limits: SessionLimits;
+  handshake: HandshakeOptions;
+}
+
+const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
+  [C.NBD_CMD_READ]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_DF,
+  [C.NBD_CMD_WRITE]: C.NBD_CMD_FLAG_FUA,
+  [C.NBD_CMD_DISC]: C.NBD_CMD_FLAG_FUA,
+  [C.NBD_CMD_FLUSH]: C.NBD_CMD_FLAG_FUA,
+  [C.NBD_CMD_TRIM]: C.NBD_CMD_FLAG_FUA,
+  [C.NBD_CMD_CACHE]: C.NBD_CMD_FLAG_FUA,
+  [C.NBD_CMD_WRITE_ZEROES]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_NO_HOLE | C.NBD_CMD_FLAG_FAST_ZERO,
+  [C.NBD_CMD_BLOCK_STATUS]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_REQ_ONE,
+};
+
+type Phase = 'handshake' | 'opening' | 'transmission' | 'draining' | 'closed';
+
+/** A request refused before it reached storage. */
+class RequestRejected {
+  constructor(
+    readonly error: number,
+    readonly message: string,
+  ) {}
+}
+
+export class Session {
+  readonly #socket: Socket;
+  readonly #context: SessionContext;
+  readonly #log: Logger;
+  readonly #queue = new ByteQueue();
+  readonly #handshake: ServerHandshake;
+  readonly #parser: RequestParser;
+  readonly #closed: Promise<void>;
+  #phase: Phase = 'handshake';
+  #negotiated: NegotiatedExport | undefined;
+  #device: BlockDevice | undefined;
+  #inFlightRequests = 0;
+  #inFlightBytes = 0;
+  #writeBlocked = false;
+  #shuttingDown = false;
+  #drainWaiters: (() => void)[] = [];
+
+  constructor(socket: Socket, context: SessionContext, id: number) {
+    this.#socket = socket;
+    this.#context = context;
+    this.#log = context.logger.child({ conn: id });
+    this.#handshake = new ServerHandshake(context.handshake);
+    this.#parser = new RequestParser(context.limits.maxPayload);
+    this.#closed = new Promise((resolve) => socket.once('close', () => resolve()));
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => {
+      this.#queue.push(chunk);
+      this.#pump();
+    });
+    socket.on('drain', () => {
+      this.#writeBlocked = false;
+      this.#pump();
+    });
+    socket.on('error', (error) => this.#log.debug({ err: error }, 'socket error'));
+    socket.on('close', () => void this.#finish());
+    this.#log.info({ remote: socket.remoteAddress ?? 'unix' }, 'connection opened');
+    socket.write(this.#handshake.greeting());
+  }
+
+  get closed(): Promise<void> {
+    return this.#closed;
+  }
+
+  /** Graceful end: refuse new work, finish what is in flight, flush, close. */
+  async shutdown(): Promise<void> {
+    this.#shuttingDown = true;
+    if (this.#phase === 'handshake' || this.#phase === 'opening') {
+      this.#socket.end();
+    } else if (this.#phase === 'transmission') {
+      await this.#drainAndClose();
+    }
+    await this.#closed;
+  }
+
+  #pump(): void {
+    if (this.#phase === 'handshake') {
+      const step = this.#handshake.advance(this.#queue);
+      for (const bytes of step.output) this.#socket.write(bytes);
+      if (step.outcome?.kind === 'close') {
+        this.#log.info({ reason: step.outcome.reason }, 'handshake ended');
+        this.#phase = 'closed';
+        this.#socket.end();
+      } else if (step.outcome?.kind === 'transmission') {
+        this.#negotiated = step.outcome.negotiated;
+        this.#phase = 'opening';
+        this.#socket.pause();
+        void this.#open(step.outcome.negotiated);
+      }
+      return;
+    }
+    if (this.#phase !== 'transmission') return;
+    while (!this.#atCapacity()) {
+      const result = this.#parser.next(this.#queue);
+      if (result === undefined) break;
+      if (result.kind === 'fatal') {
+        this.#log.warn({ reason: result.reason }, 'protocol violation; closing connection');
+        this.#phase = 'closed';
+        this.#socket.destroy();
+        return;
+      }
+      if (result.request.type === C.NBD_CMD_DISC) {
+        this.#log.debug('client disconnect request');
+        void this.#drainAndClose();
+        return;
+      }
+      this.#dispatch(result.request);
+    }
+    if (this.#atCapacity()) this.#socket.pause();
+    else this.#socket.resume();
+  }
+
+  #atCapacity(): boolean {
+    const limits = this.#context.limits;
+    return (
+      this.#writeBlocked ||
+      this.#inFlightRequests >= limits.maxInFlightRequests ||
+      this.#inFlightBytes >= limits.maxInFlightBytes
+    );
+  }
+
+  async #open(negotiated: NegotiatedExport): Promise<void> {
+    try {
+      this.#device = await this.#context.catalog.open(negotiated.export.name);
+    } catch (error) {
+      this.#log.warn({ err: error, export: negotiated.export.name }, 'export could not be opened');
+      this.#phase = 'closed';
+      this.#socket.destroy();
+      return;
+    }
+    if (this.#phase !== 'opening') {
+      await this.#device.close();
+      return;
+    }
+    this.#log.info(
+      { export: negotiated.export.name, structured: negotiated.structuredReplies },
+      'transmission started',
+    );
+    this.#phase = 'transmission';
+    this.#socket.resume();
+    this.#pump();
+  }
+
+  async #drainAndClose(): Promise<void> {
+    if (this.#phase !== 'transmission') return;
+    this.#phase = 'draining';
+    this.#socket.pause();
+    await this.#whenDrained();
+    try {
+      await this.#device?.flush();
+    } catch (error) {
+      this.#log.error({ err: error }, 'flush at disconnect failed');
+    }
+    this.#socket.end();
+  }
+
+  async #finish(): Promise<void> {
+    const wasOpen = this.#device !== undefined;
+    this.#phase = 'closed';
+    await this.#whenDrained();
+    const device = this.#device;
+    this.#device = undefined;
+    await device?.close().catch((error: unknown) => this.#log.error({ err: error }, 'closing export failed'));
+    this.#log.info({ export: wasOpen ? this.#negotiated?.export.name : undefined }, 'connection closed');
+  }
+
+  #whenDrained(): Promise<void> {
+    if (this.#inFlightRequests === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#drainWaiters.push(resolve));
+  }
+
+  #dispatch(request: NbdRequest): void {
+    const bytes = request.type === C.NBD_CMD_READ ? request.length : (request.payload?.length ?? 0);
+    this.#inFlightRequests++;
+    this.#inFlightBytes += bytes;
+    let rejection: RequestRejected | undefined;
+    try {
+      rejection = this.#validate(request);
+    } catch (error) {
+      rejection = new RequestRejected(C.NBD_EINVAL, String(error));
+    }
+    if (rejection !== undefined) {
+      this.#log.debug({ type: request.type, error: rejection.error, reason: rejection.message }, 'request rejected');
+      this.#replyError(request, rejection.error, rejection.message, bytes);
+      return;
+    }
+    this.#run(request).then(
+      (reply) => this.#send(reply, bytes),
+      (error: unknown) => {
+        const fastZero = (request.flags & C.NBD_CMD_FLAG_FAST_ZERO) !== 0;
+        const value = nbdErrorFor(error, { fastZero });
+        const level = value === C.NBD_EIO ? 'error' : 'debug';
+        this.#log[level]({ err: error, type: request.type, offset: request.offset }, 'request failed');
+        this.#replyError(request, value, error instanceof Error ? error.message : String(error), bytes);
+      },
+    );
+  }
+
+  #validate(request: NbdRequest): RequestRejected | undefined {
+    const negotiated = this.#negotiated!;
+    const device = this.#device!;
+    const { type, flags, offset, length } = request;
+    if (this.#shuttingDown) return new RequestRejected(C.NBD_ESHUTDOWN, 'server is shutting down');
+    const allowed = ALLOWED_FLAGS[type];
+    if (allowed === undefined) return new RequestRejected(C.NBD_EINVAL, `unknown command ${type}`);
+    if ((flags & ~allowed) !== 0) return new RequestRejected(C.NBD_EINVAL, `flags 0x${flags.toString(16)} not valid`);
+    if ((flags & C.NBD_CMD_FLAG_DF) !== 0 && !negotiated.structuredReplies) {
+      return new RequestRejected(C.NBD_EINVAL, 'DF needs structured replies');
+    }
+    const isWrite = type === C.NBD_CMD_WRITE || type === C.NBD_CMD_TRIM || type === C.NBD_CMD_WRITE_ZEROES;
+    if (isWrite && device.readOnly) return new RequestRejected(C.NBD_EPERM, 'export is read-only');
+    if (request.payloadTooLarge) {
+      return new RequestRejected(C.NBD_EINVAL, `write of ${length} bytes exceeds the ${this.#context.limits.maxPayload}-byte limit`);
+    }
+    if (type === C.NBD_CMD_FLUSH) return undefined;
+    const size = negotiated.export.size;
+    if (offset < 0 || offset + length > size) {
+      const pastEnd = type === C.NBD_CMD_WRITE || type === C.NBD_CMD_WRITE_ZEROES;
+      return new RequestRejected(pastEnd ? C.NBD_ENOSPC : C.NBD_EINVAL, 'request beyond the end of the export');
+    }
+    if (type === C.NBD_CMD_READ) {
+      if (length > this.#context.limits.maxPayload) {
+        const error = negotiated.structuredReplies ? C.NBD_EOVERFLOW : C.NBD_EINVAL;
+        return new RequestRejected(error, `read of ${length} bytes exceeds the payload limit`);
+      }
+    }
+    if (type === C.NBD_CMD_BLOCK_STATUS) {
+      if (!negotiated.metaContexts.has(BASE_ALLOCATION_ID)) {
+        return new RequestRejected(C.NBD_EINVAL, 'no meta context was selected');
+      }
+      if (length === 0) return new RequestRejected(C.NBD_EINVAL, 'block status of an empty range');
+    }
+    return undefined;
+  }
+
+  /** Runs a validated request; resolves to the reply's buffers. */
+  async #run(request: NbdRequest): Promise<Buffer[]> {
+    const device = this.#device!;
+    const { cookie, offset, length, flags } = request;
+    const fua = (flags & C.NBD_CMD_FLAG_FUA) !== 0;
+    switch (request.type) {
+      case C.NBD_CMD_READ:
+        return this.#readReply(request, length === 0 ? [] : await device.read(offset, length));
+      case C.NBD_CMD_WRITE:
+        if (length > 0) await device.write(offset, request.payload!, fua);
+        else if (fua) await device.flush();
+        break;
+      case C.NBD_CMD_FLUSH:
+        await device.flush();
+        break;
+      case C.NBD_CMD_TRIM:
+        if (length > 0) await device.trim(offset, length, fua);
+        break;
+      case C.NBD_CMD_WRITE_ZEROES:
+        if (length > 0) {
+          await device.zero(offset, length, { mayTrim: (flags & C.NBD_CMD_FLAG_NO_HOLE) === 0, fua });
+        }
+        break;
+      case C.NBD_CMD_CACHE:
+        if (length > 0) await device.cache(offset, length);
+        break;
+      case C.NBD_CMD_BLOCK_STATUS:
+        return [await this.#blockStatusReply(request)];
+      default:
+        throw new OperationError('EINVAL', `unknown command ${request.type}`);
+    }
+    return [simpleReply(cookie, 0)];
+  }
+
+  #readReply(request: NbdRequest, pieces: ReadPiece[]): Buffer[] {
+    const { cookie, offset, length } = request;
+    if (!this.#negotiated!.structuredReplies) {
+      return [simpleReply(cookie, 0), ...dataOf(pieces, length)];
+    }
+    if (length === 0) return [noneChunk(cookie)];
+    if ((request.flags & C.NBD_CMD_FLAG_DF) !== 0 && pieces.length > 1) {
+      const data = dataOf(pieces, length);
+      return [offsetDataHeader(cookie, true, offset, length), ...data];
+    }
+    const out: Buffer[] = [];
+    pieces.forEach((piece, index) => {
+      const done = index === pieces.length - 1;
+      if (piece.kind === 'zero') {
+        out.push(offsetHoleChunk(cookie, done, piece.offset, piece.length));
+      } else {
+        out.push(offsetDataHeader(cookie, done, piece.offset, piece.data.length), piece.data);
+      }
+    });
+    return out;
+  }
+
+  async #blockStatusReply(request: NbdRequest): Promise<Buffer> {
+    const { cookie, offset, length, flags } = request;
+    const extents = await this.#device!.blockStatus(offset, length);
+    const reqOne = (flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0;
+    const limit = reqOne ? 1 : this.#context.limits.maxStatusDescriptors;
+    const descriptors: StatusDescriptor[] = [];
+    let covered = 0;
+    for (const extent of extents) {
+      if (covered >= length || descriptors.length > limit) break;
+      const extentFlags = (extent.hole ? C.NBD_STATE_HOLE : 0) | (extent.zero ? C.NBD_STATE_ZERO : 0);
+      const extentLength = Math.min(extent.length, length - covered);
+      if (extentLength <= 0) continue;
+      const last = descriptors[descriptors.length - 1];
+      if (last !== undefined && last.flags === extentFlags) last.length += extentLength;
+      else descriptors.push({ length: extentLength, flags: extentFlags });
+      covered += extentLength;
+    }
+    if (descriptors.length > limit) descriptors.length = limit;
+    if (descriptors.length === 0) throw new OperationError('EIO', 'store reported no extents');
+    return blockStatusChunk(cookie, true, BASE_ALLOCATION_ID, descriptors);
+  }
+
+  #replyError(request: NbdRequest, error: number, message: string, bytes: number): void {
+    const structured =
+      this.#negotiated!.structuredReplies &&
+      (request.type === C.NBD_CMD_READ || request.type === C.NBD_CMD_BLOCK_STATUS);
+    this.#send([structured ? errorChunk(request.cookie, error, message) : simpleReply(request.cookie, error)], bytes);
+  }
+
+  #send(buffers: Buffer[], bytes: number): void {
+    const release = (): void => {
+      this.#inFlightRequests--;
+      this.#inFlightBytes -= bytes;
+      if (this.#inFlightRequests === 0) {
+        for (const resolve of this.#drainWaiters.splice(0)) resolve();
+      }
+      this.#pump();
+    };
+    if (this.#socket.destroyed || !this.#socket.writable) {
+      release();
+      return;
+    }
+    this.#socket.cork();
+    let accepted = true;
+    buffers.forEach((buffer, index) => {
+      const last = index === buffers.length - 1;
+      accepted = this.#socket.write(buffer, last ? () => release() : undefined) && accepted;
+    });
+    this.#socket.uncork();
+    if (!accepted) this.#writeBlocked = true;
+  }
+}
+
+/** The bytes of a read, holes filled with zeros. */
+function dataOf(pieces: ReadPiece[], length: number): Buffer[] {
+  if (pieces.length === 1 && pieces[0]!.kind === 'data') return [pieces[0]!.data];
+  if (pieces.every((piece) => piece.kind === 'zero')) return [Buffer.alloc(length)];
+  return pieces.map((piece) => (piece.kind === 'data' ? piece.data : Buffer.alloc(piece.length)));
+}
