@@ -13,6 +13,8 @@ export const ERROR_CODES = [
   'EEXIST',
   'EBUSY',
   'ESHUTDOWN',
+  /** The daemon is not running (its admin socket refuses or is absent). */
+  'ENOTCONN',
 ] as const;
 
 export type ErrorCode = (typeof ERROR_CODES)[number];

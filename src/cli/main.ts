@@ -1,0 +1,62 @@
+#!/usr/bin/env node
+/** The composition root: parses the command line and wires the pieces together. */
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import pino from 'pino';
+import { DEFAULT_LISTEN, defaultPoolDir, serve } from './serve.js';
+
+const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+
+async function main(argv: string[]): Promise<void> {
+  await yargs(argv)
+    .scriptName('clonebd')
+    .usage('$0 <command> [options]')
+    .command(
+      'serve',
+      'Serve every volume and snapshot of a pool over NBD',
+      (command) =>
+        command
+          .option('pool', {
+            type: 'string',
+            describe: 'Pool directory (created if absent); env CLONEBD_POOL',
+            default: defaultPoolDir(),
+          })
+          .option('listen', {
+            type: 'string',
+            describe: 'TCP address HOST:PORT',
+            default: DEFAULT_LISTEN,
+          })
+          .option('socket', { type: 'string', describe: 'Also listen on this Unix socket path' })
+          .option('default-volume', {
+            type: 'boolean',
+            default: true,
+            describe: 'Create an empty 1 GiB volume named "default" in a new pool',
+          })
+          .option('log-level', { choices: LOG_LEVELS, default: 'info' as const, describe: 'Log level' })
+          .example('$0 serve', 'serve the default pool on 127.0.0.1:10809')
+          .example('$0 serve --pool /srv/clonebd --listen 0.0.0.0:10809', 'serve another pool on every address'),
+      async (args) => {
+        const logger = pino({ level: args['log-level'] });
+        await serve(
+          { pool: args.pool, listen: args.listen, socket: args.socket, defaultVolume: args['default-volume'] },
+          logger,
+        );
+      },
+    )
+    .demandCommand(1, 'Name a command; see --help')
+    .strict()
+    .help()
+    .alias('help', 'h')
+    .version()
+    .fail((message, error) => {
+      if (error) throw error;
+      process.stderr.write(`clonebd: ${message}\nRun 'clonebd --help' for usage.\n`);
+      process.exit(2);
+    })
+    .parseAsync();
+}
+
+main(hideBin(process.argv)).catch((error: unknown) => {
+  process.stderr.write(`clonebd: ${error instanceof Error ? error.message : String(error)}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,68 @@
+/**
+ * `clonebd serve`: opens (or creates) the pool and serves every volume and snapshot in it over
+ * NBD until SIGTERM or SIGINT, then shuts down gracefully.
+ */
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { mkdir, readdir } from 'node:fs/promises';
+import type { Logger } from 'pino';
+import type { AddressInfo } from 'node:net';
+import { NbdServer } from '../server/index.js';
+import { Pool } from '../store/index.js';
+import { parseListen } from './parse.js';
+
+export const DEFAULT_LISTEN = '127.0.0.1:10809';
+export const DEFAULT_VOLUME_NAME = 'default';
+export const DEFAULT_VOLUME_SIZE = 2 ** 30;
+
+/** The pool every command uses unless told otherwise. */
+export function defaultPoolDir(env: NodeJS.ProcessEnv = process.env): string {
+  if (env.CLONEBD_POOL) return env.CLONEBD_POOL;
+  const dataHome = env.XDG_DATA_HOME || join(homedir(), '.local', 'share');
+  return join(dataHome, 'clonebd', 'pool');
+}
+
+export interface ServeOptions {
+  pool: string;
+  listen: string;
+  socket?: string;
+  defaultVolume: boolean;
+}
+
+export async function serve(options: ServeOptions, logger: Logger): Promise<void> {
+  const tcp = parseListen(options.listen);
+  const isNewPool = (await readdir(options.pool).catch(() => [])).length === 0;
+  await mkdir(options.pool, { recursive: true });
+  const pool = await Pool.open(options.pool, { logger: logger.child({ component: 'store' }) });
+  if (options.defaultVolume && isNewPool) {
+    await pool.createVolume(DEFAULT_VOLUME_NAME, DEFAULT_VOLUME_SIZE);
+    logger.info({ volume: DEFAULT_VOLUME_NAME, size: DEFAULT_VOLUME_SIZE }, 'created the demo volume');
+  }
+  const server = new NbdServer({ catalog: pool, logger: logger.child({ component: 'nbd' }) });
+  let address: AddressInfo;
+  try {
+    address = (await server.listen(tcp)) as AddressInfo;
+    if (options.socket !== undefined) await server.listen({ path: options.socket });
+  } catch (error) {
+    await server.close();
+    await pool.close();
+    throw error;
+  }
+  logger.info(
+    { pool: options.pool, address: address.address, port: address.port, socket: options.socket },
+    'listening',
+  );
+  await new Promise<void>((resolve) => {
+    const stop = (signal: NodeJS.Signals): void => {
+      logger.info({ signal }, 'shutting down');
+      process.off('SIGTERM', stop);
+      process.off('SIGINT', stop);
+      resolve();
+    };
+    process.on('SIGTERM', stop);
+    process.on('SIGINT', stop);
+  });
+  await server.close();
+  await pool.close();
+  logger.info('stopped');
+}

@@ -1,0 +1,1237 @@
+/**
+ * The pool: volumes, snapshots and clones as copy-on-write layers over identity-mapped sparse
+ * files, with a journal.
+ *
+ *   pool/format             format version
+ *   pool/lock               pid of the process that has the pool open
+ *   pool/checkpoint         metadata at generation G        (see journal.ts)
+ *   pool/journal.G          metadata changes since then
+ *   pool/layers/<id>.raw    one sparse file per layer; virtual offset X lives at file offset X
+ *
+ * A volume is a writable head layer over frozen ancestors; a snapshot is a name for a frozen
+ * layer. Every layer carries a BlockMap (block -> layer holding it, or ZERO): a head's map
+ * changes as it is written, a frozen layer's map is fixed. Freezing a head (snapshot, clone)
+ * hands the same map to the new heads, so creation is O(1) and reads never walk the chain.
+ *
+ *        snapshot "s1"            volume "a"              clone "b"
+ *             |                        |                       |
+ *        layer 17 (frozen) <-parent- layer 19 (head)           |
+ *             ^----------------------------------parent- layer 20 (head)
+ *
+ * Lifetimes: a layer is referenced by the volume or snapshot naming it and by each layer whose
+ * parent it is; at zero it leaves the metadata, and its file is removed once that change is
+ * durable. A layer's data file is only written while it is a head, and only blocks its own map
+ * points at are ever read from it; so a block a head no longer maps (overwritten elsewhere,
+ * trimmed) is garbage, and hole punching may take it back at any later time.
+ *
+ * Concurrency per volume: I/O enters its Gate shared; snapshot, clone, grow, delete, flatten
+ * steps and hole punching hold it exclusive. A partial-block write over a block the head does
+ * not hold copies the block up under a per-block lock, so two such writes never lose each other.
+ *
+ * Durability: a write lands in the head's file, then updates the map and appends a journal
+ * record. flush() (shared by all volumes and handles) fsyncs every dirty layer file, then writes
+ * and fsyncs the records. Holes are punched only for ranges whose trim is already durable.
+ *
+ * Known limits: every layer file that is read keeps a descriptor open; hole punching spawns
+ * `fallocate` (see file-layer.ts) and pauses the volume's I/O while it runs; trim and write-zeroes
+ * record zeros alike, so NO_HOLE does not keep space allocated.
+ */
+import type { Logger } from 'pino';
+import { OperationError } from '../util/errors.js';
+import { BlockMap, FIRST_LAYER_ID, UNALLOCATED, ZERO, decodeMaps, encodeMaps } from './block-map.js';
+import { nodeFileLayer, type FileHandle, type FileLayer } from './file-layer.js';
+import { BlockLocks, Gate } from './gate.js';
+import {
+  Journal,
+  decodeCheckpoint,
+  encodeCheckpoint,
+  journalName,
+  readWhole,
+  writeDurably,
+  type CheckpointMeta,
+  type MetaRecord,
+} from './journal.js';
+import { validateName } from './names.js';
+import { acquireLock, releaseLock } from './pool-lock.js';
+import type { BlockDevice, ExportCatalog, ExportDescription, Extent, ReadPiece, ZeroOptions } from './types.js';
+
+export const BLOCK_SIZE = 4096;
+/** 4 PiB: block numbers and byte offsets stay exact in doubles. */
+export const MAX_VOLUME_SIZE = 2 ** 52;
+const FORMAT = 'clonebd-pool 1\n';
+const DEFAULT_CHECKPOINT_BYTES = 16 * 1024 * 1024;
+/** Blocks copied per exclusive step of flatten: bounds the pause writers see. */
+const FLATTEN_STEP = 256;
+/** Most extents one blockStatus call returns; NBD lets a reply cover less than asked. */
+const MAX_STATUS_RUNS = 4096;
+const TRIM_COMMIT_DELAY_MS = 500;
+const FREE_SPACE_REFRESH_MS = 1000;
+
+export interface PoolOptions {
+  logger?: Logger;
+  /** Pool capacity in bytes; without it, the file system's free space is the limit. */
+  capacityBytes?: number;
+  /** File access, replaceable for fault injection. */
+  files?: FileLayer;
+  /** Journal size that triggers a checkpoint. */
+  checkpointBytes?: number;
+}
+
+export interface VolumeInfo {
+  name: string;
+  kind: 'volume' | 'snapshot';
+  size: number;
+  readOnly: boolean;
+  /** The volume or snapshot this one was cloned or snapshotted from (it may since be deleted). */
+  parent: string | null;
+  createdAt: string;
+  /** Snapshots taken of this volume that still exist. */
+  snapshots: string[];
+}
+
+export interface VolumeUsage {
+  name: string;
+  kind: 'volume' | 'snapshot';
+  size: number;
+  /** Bytes its map points at that no other volume or snapshot points at. */
+  exclusiveBytes: number;
+  /** Bytes its map points at that others point at too. */
+  sharedBytes: number;
+}
+
+export interface PoolUsage {
+  /** capacityBytes if configured, else used + the file system's free space. */
+  capacityBytes: number;
+  /** Bytes held in layer files (including blocks no map points at any more). */
+  usedBytes: number;
+  freeBytes: number;
+  layers: number;
+  volumes: VolumeUsage[];
+}
+
+interface Layer {
+  readonly id: number;
+  parent: Layer | null;
+  map: BlockMap;
+  /** Length of the layer's file: the volume's size when it was the head. */
+  size: number;
+  /** Blocks its own map points at itself: what its file holds. */
+  blocks: number;
+  refs: number;
+  /** The volume whose head it is; null once frozen. */
+  owner: Volume | null;
+}
+
+interface Volume {
+  readonly name: string;
+  readonly kind: 'volume' | 'snapshot';
+  size: number;
+  readonly parent: string | null;
+  readonly createdAt: string;
+  /** The head (volume) or the frozen layer (snapshot). */
+  layer: Layer;
+  readonly gate: Gate;
+  readonly locks: BlockLocks;
+  deleted: boolean;
+}
+
+function ioError(error: unknown, what: string): OperationError {
+  if (error instanceof OperationError) return error;
+  const code = (error as NodeJS.ErrnoException | undefined)?.code;
+  const mapped = code === 'ENOSPC' || code === 'EDQUOT' ? 'ENOSPC' : 'EIO';
+  return new OperationError(mapped, `${what}: ${(error as Error | undefined)?.message ?? String(error)}`, { cause: error });
+}
+
+function isErrno(error: unknown, code: string): boolean {
+  return (error as NodeJS.ErrnoException | undefined)?.code === code;
+}
+
+function checkSize(size: number): void {
+  if (!Number.isSafeInteger(size) || size <= 0 || size > MAX_VOLUME_SIZE) {
+    throw new OperationError('EINVAL', `invalid size ${size}: 1 to ${MAX_VOLUME_SIZE} bytes`);
+  }
+}
+
+function blocksOf(size: number): number {
+  return Math.ceil(size / BLOCK_SIZE);
+}
+
+/** The I/O a handle needs; bound to one pool. */
+interface VolumeIo {
+  read(volume: Volume, offset: number, length: number): Promise<ReadPiece[]>;
+  write(volume: Volume, offset: number, data: Uint8Array, fua: boolean): Promise<void>;
+  zero(volume: Volume, offset: number, length: number, fua: boolean): Promise<void>;
+  flush(): Promise<void>;
+  blockStatus(volume: Volume, offset: number, length: number): Promise<Extent[]>;
+  check(volume: Volume): void;
+}
+
+class VolumeHandle implements BlockDevice {
+  readonly #volume: Volume;
+  readonly #io: VolumeIo;
+  #closed = false;
+
+  constructor(volume: Volume, io: VolumeIo) {
+    this.#volume = volume;
+    this.#io = io;
+  }
+
+  get name(): string {
+    return this.#volume.name;
+  }
+
+  get size(): number {
+    return this.#volume.size;
+  }
+
+  get readOnly(): boolean {
+    return this.#volume.kind === 'snapshot';
+  }
+
+  read(offset: number, length: number): Promise<ReadPiece[]> {
+    this.#check();
+    return this.#io.read(this.#volume, offset, length);
+  }
+
+  write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
+    this.#checkWritable();
+    return this.#io.write(this.#volume, offset, data, fua);
+  }
+
+  trim(offset: number, length: number, fua: boolean): Promise<void> {
+    this.#checkWritable();
+    return this.#io.zero(this.#volume, offset, length, fua);
+  }
+
+  zero(offset: number, length: number, options: ZeroOptions): Promise<void> {
+    this.#checkWritable();
+    return this.#io.zero(this.#volume, offset, length, options.fua);
+  }
+
+  flush(): Promise<void> {
+    this.#check();
+    return this.#io.flush();
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    this.#check();
+    return this.#io.blockStatus(this.#volume, offset, length);
+  }
+
+  async cache(): Promise<void> {
+    this.#check();
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+  }
+
+  #check(): void {
+    if (this.#closed) throw new OperationError('ESHUTDOWN', `handle of ${this.#volume.name} is closed`);
+    this.#io.check(this.#volume);
+  }
+
+  #checkWritable(): void {
+    this.#check();
+    if (this.readOnly) throw new OperationError('EPERM', `${this.#volume.name} is a read-only snapshot`);
+  }
+}
+
+export class Pool implements ExportCatalog {
+  readonly #dir: string;
+  readonly #layersDir: string;
+  readonly #files: FileLayer;
+  readonly #log: Logger | undefined;
+  readonly #capacityBytes: number | undefined;
+  readonly #checkpointBytes: number;
+
+  readonly #volumes = new Map<string, Volume>();
+  readonly #layers = new Map<number, Layer>();
+  #nextLayerId = FIRST_LAYER_ID;
+  #generation = 0;
+  #journal: Journal | undefined;
+
+  /** Blocks held by all layer files, and blocks reserved by writes in flight. */
+  #usedBlocks = 0;
+  #reservedBlocks = 0;
+  #fsFree = Infinity;
+  #usedAtFsFree = 0;
+  #fsFreeAt = 0;
+  #fsRefresh: Promise<void> | undefined;
+
+  readonly #handles = new Map<number, Promise<FileHandle>>();
+  readonly #onDisk = new Set<number>();
+  readonly #dirty = new Set<number>();
+  #layersDirDirty = false;
+
+  #commitRunning: Promise<void> | undefined;
+  #commitQueued: Promise<void> | undefined;
+  #checkpointWanted = false;
+
+  /** Ranges [layer, start, end) whose trim is not yet durable, then those ready to punch. */
+  #trimmed: Array<[number, number, number]> = [];
+  #punchable: Array<[number, number, number]> = [];
+  #punching: Promise<void> | undefined;
+  #trimCommitTimer: NodeJS.Timeout | undefined;
+
+  #closed = false;
+  readonly #io: VolumeIo;
+
+  private constructor(dir: string, options: PoolOptions) {
+    this.#dir = dir;
+    this.#layersDir = `${dir}/layers`;
+    this.#files = options.files ?? nodeFileLayer();
+    this.#log = options.logger;
+    this.#capacityBytes = options.capacityBytes;
+    this.#checkpointBytes = options.checkpointBytes ?? DEFAULT_CHECKPOINT_BYTES;
+    this.#io = {
+      read: (volume, offset, length) => this.#read(volume, offset, length),
+      write: (volume, offset, data, fua) => this.#write(volume, offset, data, fua),
+      zero: (volume, offset, length, fua) => this.#zero(volume, offset, length, fua),
+      flush: () => this.flush(),
+      blockStatus: (volume, offset, length) => this.#blockStatus(volume, offset, length),
+      check: (volume) => this.#checkOpen(volume),
+    };
+  }
+
+  /** Opens the pool in `dir`, creating it if `dir` is absent or empty. */
+  static async open(dir: string, options: PoolOptions = {}): Promise<Pool> {
+    const pool = new Pool(dir, options);
+    const files = pool.#files;
+    await files.mkdir(dir);
+    await acquireLock(files, `${dir}/lock`);
+    try {
+      await pool.#load();
+    } catch (error) {
+      await pool.#closeFiles();
+      await releaseLock(files, `${dir}/lock`);
+      throw error;
+    }
+    return pool;
+  }
+
+  // ---- catalog -------------------------------------------------------------------------------
+
+  list(): ExportDescription[] {
+    return this.volumes().map((info) => this.#describe(info));
+  }
+
+  describe(name: string): ExportDescription | undefined {
+    const info = this.info(name);
+    return info === undefined ? undefined : this.#describe(info);
+  }
+
+  async open(name: string): Promise<BlockDevice> {
+    this.#checkNotClosed();
+    return new VolumeHandle(this.#volume(name), this.#io);
+  }
+
+  volumes(): VolumeInfo[] {
+    return [...this.#volumes.keys()].sort().map((name) => this.info(name)!);
+  }
+
+  info(name: string): VolumeInfo | undefined {
+    const volume = this.#volumes.get(name);
+    if (volume === undefined) return undefined;
+    const snapshots: string[] = [];
+    if (volume.kind === 'volume') {
+      for (const other of this.#volumes.values()) {
+        if (other.kind === 'snapshot' && other.parent === name) snapshots.push(other.name);
+      }
+    }
+    return {
+      name: volume.name,
+      kind: volume.kind,
+      size: volume.size,
+      readOnly: volume.kind === 'snapshot',
+      parent: volume.parent,
+      createdAt: volume.createdAt,
+      snapshots: snapshots.sort(),
+    };
+  }
+
+  // ---- lifecycle -----------------------------------------------------------------------------
+
+  async createVolume(name: string, size: number): Promise<VolumeInfo> {
+    this.#checkNotClosed();
+    validateName(name);
+    checkSize(size);
+    this.#checkFree(name);
+    this.#record({ op: 'create', name, size, head: this.#nextLayerId, createdAt: new Date().toISOString() });
+    await this.flush();
+    return this.info(name)!;
+  }
+
+  async snapshot(source: string, name: string): Promise<VolumeInfo> {
+    this.#checkNotClosed();
+    validateName(name);
+    const volume = this.#volume(source);
+    await volume.gate.exclusive(() => {
+      this.#checkOpen(volume);
+      this.#checkFree(name);
+      this.#record({
+        op: 'snapshot',
+        source,
+        name,
+        head: volume.kind === 'volume' && this.#mustFreeze(volume.layer) ? this.#nextLayerId : null,
+        createdAt: new Date().toISOString(),
+      });
+    });
+    await this.flush();
+    return this.info(name)!;
+  }
+
+  async clone(source: string, name: string, options: { size?: number } = {}): Promise<VolumeInfo> {
+    this.#checkNotClosed();
+    validateName(name);
+    const volume = this.#volume(source);
+    await volume.gate.exclusive(() => {
+      this.#checkOpen(volume);
+      this.#checkFree(name);
+      const size = options.size ?? volume.size;
+      checkSize(size);
+      if (size < volume.size) {
+        throw new OperationError('EINVAL', `a clone cannot be smaller than its source (${size} < ${volume.size})`);
+      }
+      const sourceHead = volume.kind === 'volume' && this.#mustFreeze(volume.layer) ? this.#nextLayerId : null;
+      const head = sourceHead === null ? this.#nextLayerId : sourceHead + 1;
+      this.#record({ op: 'clone', source, name, size, head, sourceHead, createdAt: new Date().toISOString() });
+    });
+    await this.flush();
+    return this.info(name)!;
+  }
+
+  async grow(name: string, size: number): Promise<VolumeInfo> {
+    this.#checkNotClosed();
+    const volume = this.#volume(name);
+    checkSize(size);
+    await volume.gate.exclusive(async () => {
+      this.#checkOpen(volume);
+      if (volume.kind === 'snapshot') throw new OperationError('EINVAL', `${name} is a snapshot; snapshots do not grow`);
+      if (size < volume.size) {
+        throw new OperationError('EINVAL', `shrinking is not supported (${name} is ${volume.size} bytes, asked ${size})`);
+      }
+      if (size === volume.size) return;
+      const handle = this.#onDisk.has(volume.layer.id) ? await this.#file(volume.layer, false) : undefined;
+      await handle?.truncate(size).catch((error: unknown) => {
+        throw ioError(error, `growing ${name}`);
+      });
+      this.#record({ op: 'grow', name, size });
+    });
+    await this.flush();
+    return this.info(name)!;
+  }
+
+  async delete(name: string): Promise<void> {
+    this.#checkNotClosed();
+    const volume = this.#volume(name);
+    const freed = await volume.gate.exclusive(() => {
+      this.#checkOpen(volume);
+      return this.#record({ op: 'delete', name });
+    });
+    await this.flush();
+    await this.#removeLayerFiles(freed);
+  }
+
+  /**
+   * Copies every block the volume inherits into its head, online, then detaches the head from
+   * its ancestors. Blocks written meanwhile are left alone: each step re-reads the map under the
+   * volume's gate. onProgress gets bytes copied and bytes to copy (the total grows if a
+   * snapshot or clone during the flatten makes blocks inherited again).
+   */
+  async flatten(name: string, onProgress?: (done: number, total: number) => void): Promise<void> {
+    this.#checkNotClosed();
+    const volume = this.#volume(name);
+    if (volume.kind === 'snapshot') throw new OperationError('EINVAL', `${name} is a snapshot; only volumes flatten`);
+    const inherited = (head: Layer): number => {
+      let count = 0;
+      head.map.extents(0, Infinity, (start, end, value) => {
+        if (value >= FIRST_LAYER_ID && value !== head.id) count += end - start;
+      });
+      return count;
+    };
+    let head = volume.layer;
+    let total = inherited(head) * BLOCK_SIZE;
+    let done = 0;
+    let cursor = 0;
+    onProgress?.(done, total);
+    let freed: Layer[] | undefined;
+    while (freed === undefined) {
+      freed = await volume.gate.exclusive(async () => {
+        this.#checkOpen(volume);
+        if (volume.layer !== head) {
+          head = volume.layer;
+          cursor = 0;
+          total = done + inherited(head) * BLOCK_SIZE;
+        }
+        let run: [number, number, number] | undefined;
+        head.map.extents(cursor, Infinity, (start, end, value) => {
+          if (value < FIRST_LAYER_ID || value === head.id) return false;
+          run = [start, Math.min(end, start + FLATTEN_STEP), value];
+          return true;
+        });
+        if (run === undefined) return head.parent === null ? [] : this.#record({ op: 'detach', name });
+        const [start, end, value] = run;
+        await this.#copyBlocks(head, start, end, this.#layers.get(value)!);
+        done += (end - start) * BLOCK_SIZE;
+        cursor = end;
+        return undefined;
+      });
+      if (freed === undefined) onProgress?.(done, total);
+    }
+    await this.flush();
+    onProgress?.(done, total);
+    await this.#removeLayerFiles(freed);
+  }
+
+  async usage(): Promise<PoolUsage> {
+    this.#checkNotClosed();
+    await this.#refreshFree();
+    const perVolume = new Map<Volume, Map<number, number>>();
+    const users = new Map<number, number>();
+    for (const volume of this.#volumes.values()) {
+      const held = new Map<number, number>();
+      volume.layer.map.extents(0, Infinity, (start, end, value) => {
+        if (value >= FIRST_LAYER_ID) held.set(value, (held.get(value) ?? 0) + end - start);
+      });
+      perVolume.set(volume, held);
+      for (const layer of held.keys()) users.set(layer, (users.get(layer) ?? 0) + 1);
+    }
+    const volumes: VolumeUsage[] = [];
+    for (const [volume, held] of perVolume) {
+      let exclusive = 0;
+      let shared = 0;
+      for (const [layer, blocks] of held) {
+        if (users.get(layer) === 1) exclusive += blocks;
+        else shared += blocks;
+      }
+      volumes.push({
+        name: volume.name,
+        kind: volume.kind,
+        size: volume.size,
+        exclusiveBytes: exclusive * BLOCK_SIZE,
+        sharedBytes: shared * BLOCK_SIZE,
+      });
+    }
+    volumes.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    const usedBytes = this.#usedBlocks * BLOCK_SIZE;
+    const freeBytes = Math.max(0, this.#freeBytes());
+    return {
+      capacityBytes: this.#capacityBytes ?? usedBytes + freeBytes,
+      usedBytes,
+      freeBytes,
+      layers: this.#layers.size,
+      volumes,
+    };
+  }
+
+  /**
+   * Makes every write completed so far, on every volume, durable: data files first, then the
+   * journal records that point at them. Concurrent calls share one commit.
+   */
+  flush(): Promise<void> {
+    if (this.#commitQueued !== undefined) return this.#commitQueued;
+    if (this.#commitRunning === undefined) return this.#startCommit();
+    const queued = this.#commitRunning
+      .catch(() => undefined)
+      .then(() => {
+        this.#commitQueued = undefined;
+        return this.#startCommit();
+      });
+    this.#commitQueued = queued;
+    return queued;
+  }
+
+  /** Resolves when background work (hole punching of durable trims) is done. */
+  async idle(): Promise<void> {
+    while (this.#punching !== undefined) await this.#punching;
+  }
+
+  /** Waits for I/O in flight, makes everything durable, writes a checkpoint, releases the lock. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    clearTimeout(this.#trimCommitTimer);
+    for (const volume of this.#volumes.values()) await volume.gate.exclusive(() => undefined);
+    try {
+      this.#checkpointWanted = true;
+      await this.flush();
+      await this.idle();
+    } finally {
+      await this.#closeFiles();
+      await releaseLock(this.#files, `${this.#dir}/lock`);
+    }
+  }
+
+  // ---- I/O -----------------------------------------------------------------------------------
+
+  async #read(volume: Volume, offset: number, length: number): Promise<ReadPiece[]> {
+    await volume.gate.enterShared();
+    try {
+      this.#checkOpen(volume);
+      const end = offset + length;
+      const pieces: ReadPiece[] = [];
+      const reads: Array<Promise<void>> = [];
+      volume.layer.map.runs(Math.floor(offset / BLOCK_SIZE), blocksOf(end), (start, stop, value) => {
+        const from = Math.max(start * BLOCK_SIZE, offset);
+        const to = Math.min(stop * BLOCK_SIZE, end);
+        if (value < FIRST_LAYER_ID) {
+          const last = pieces[pieces.length - 1];
+          if (last?.kind === 'zero') last.length += to - from;
+          else pieces.push({ kind: 'zero', offset: from, length: to - from });
+          return;
+        }
+        const data = Buffer.allocUnsafe(to - from);
+        pieces.push({ kind: 'data', offset: from, data });
+        reads.push(this.#readLayer(this.#layers.get(value)!, data, from));
+      });
+      await Promise.all(reads);
+      return pieces;
+    } finally {
+      volume.gate.leaveShared();
+    }
+  }
+
+  async #write(volume: Volume, offset: number, data: Uint8Array, fua: boolean): Promise<void> {
+    await volume.gate.enterShared();
+    try {
+      this.#checkOpen(volume);
+      await this.#writeAt(volume.layer, volume, offset, data);
+    } finally {
+      volume.gate.leaveShared();
+    }
+    if (fua) await this.flush();
+  }
+
+  /**
+   * Writes into the head with one pwrite. Whole blocks are written as they come; a partial block
+   * the head already holds is written in place; a partial block it does not hold is completed
+   * from what the volume reads there (copy-up) under that block's lock.
+   */
+  async #writeAt(head: Layer, volume: Volume, offset: number, data: Uint8Array): Promise<void> {
+    const end = offset + data.length;
+    const first = Math.floor(offset / BLOCK_SIZE);
+    const last = blocksOf(end) - 1;
+    const headEdge = offset % BLOCK_SIZE !== 0;
+    const tailEdge = end % BLOCK_SIZE !== 0;
+    const releases: Array<() => void> = [];
+    let reserved = 0;
+    try {
+      if (headEdge || (tailEdge && last === first)) releases.push(await volume.locks.lock(first));
+      if (tailEdge && last !== first) releases.push(await volume.locks.lock(last));
+      const copyFirst = headEdge && head.map.get(first) !== head.id;
+      const copyLast = tailEdge && head.map.get(last) !== head.id;
+      const fresh = last + 1 - first - head.map.count(first, last + 1, head.id);
+      reserved = this.#reserve(fresh);
+      const handle = await this.#file(head, true);
+      if (!copyFirst && !copyLast) {
+        await handle.write(data, 0, data.length, offset);
+      } else {
+        const from = copyFirst ? first * BLOCK_SIZE : offset;
+        const to = copyLast ? (last + 1) * BLOCK_SIZE : end;
+        const buffer = Buffer.allocUnsafe(to - from);
+        const fills: Array<Promise<void>> = [];
+        if (copyFirst) fills.push(this.#readVolumeBlock(head, first, buffer, 0));
+        if (copyLast && !(copyFirst && last === first)) {
+          fills.push(this.#readVolumeBlock(head, last, buffer, buffer.length - BLOCK_SIZE));
+        }
+        await Promise.all(fills);
+        buffer.set(data, offset - from);
+        await handle.write(buffer, 0, buffer.length, from);
+      }
+      this.#dirty.add(head.id);
+      if (fresh > 0) this.#record({ op: 'assign', layer: head.id, start: first, end: last + 1, value: head.id });
+    } catch (error) {
+      throw ioError(error, `writing ${volume.name}`);
+    } finally {
+      this.#reservedBlocks -= reserved;
+      for (const release of releases) release();
+    }
+  }
+
+  /** Fills one block of `buffer` with what the head's map says the block holds. */
+  async #readVolumeBlock(head: Layer, block: number, buffer: Buffer, at: number): Promise<void> {
+    const value = head.map.get(block);
+    const target = buffer.subarray(at, at + BLOCK_SIZE);
+    if (value < FIRST_LAYER_ID) target.fill(0);
+    else await this.#readLayer(this.#layers.get(value)!, target, block * BLOCK_SIZE);
+  }
+
+  async #readLayer(layer: Layer, target: Buffer, position: number): Promise<void> {
+    let read = 0;
+    try {
+      const handle = await this.#file(layer, false);
+      if (handle !== undefined) read = await handle.read(target, 0, target.length, position);
+    } catch (error) {
+      throw ioError(error, `reading layer ${layer.id}`);
+    }
+    if (read < target.length) target.fill(0, read);
+  }
+
+  /** TRIM and WRITE_ZEROES: whole blocks become ZERO in the map, partial edges are written. */
+  async #zero(volume: Volume, offset: number, length: number, fua: boolean): Promise<void> {
+    await volume.gate.enterShared();
+    try {
+      this.#checkOpen(volume);
+      const head = volume.layer;
+      const end = offset + length;
+      const first = Math.ceil(offset / BLOCK_SIZE);
+      const stop = Math.floor(end / BLOCK_SIZE);
+      const edges: Array<[number, number]> = [];
+      if (first > stop) edges.push([offset, end]);
+      else {
+        if (offset < first * BLOCK_SIZE) edges.push([offset, first * BLOCK_SIZE]);
+        if (stop * BLOCK_SIZE < end && stop * BLOCK_SIZE >= offset) edges.push([stop * BLOCK_SIZE, end]);
+      }
+      await Promise.all(
+        edges.map(([from, to]) =>
+          head.map.get(Math.floor(from / BLOCK_SIZE)) < FIRST_LAYER_ID
+            ? undefined
+            : this.#writeAt(head, volume, from, Buffer.alloc(to - from)),
+        ),
+      );
+      if (first < stop) {
+        head.map.extents(first, stop, (start, to, value) => {
+          if (value === head.id) this.#trimmed.push([head.id, start, to]);
+        });
+        this.#record({
+          op: 'assign',
+          layer: head.id,
+          start: first,
+          end: stop,
+          value: head.parent === null ? UNALLOCATED : ZERO,
+        });
+        this.#scheduleTrimCommit();
+      }
+    } finally {
+      volume.gate.leaveShared();
+    }
+    if (fua) await this.flush();
+  }
+
+  async #blockStatus(volume: Volume, offset: number, length: number): Promise<Extent[]> {
+    this.#checkOpen(volume);
+    const end = offset + length;
+    const extents: Extent[] = [];
+    let runs = 0;
+    volume.layer.map.runs(Math.floor(offset / BLOCK_SIZE), blocksOf(end), (start, stop, value) => {
+      const from = Math.max(start * BLOCK_SIZE, offset);
+      const to = Math.min(stop * BLOCK_SIZE, end);
+      const hole = value < FIRST_LAYER_ID;
+      const last = extents[extents.length - 1];
+      if (last !== undefined && last.hole === hole) last.length += to - from;
+      else {
+        extents.push({ length: to - from, hole, zero: hole });
+        runs++;
+      }
+      return runs >= MAX_STATUS_RUNS;
+    });
+    return extents;
+  }
+
+  /** Flatten step: copies [start, end) from `source` into the head. Runs under the exclusive gate. */
+  async #copyBlocks(head: Layer, start: number, end: number, source: Layer): Promise<void> {
+    const reserved = this.#reserve(end - start);
+    try {
+      const buffer = Buffer.allocUnsafe((end - start) * BLOCK_SIZE);
+      await this.#readLayer(source, buffer, start * BLOCK_SIZE);
+      const handle = await this.#file(head, true);
+      await handle.write(buffer, 0, buffer.length, start * BLOCK_SIZE);
+      this.#dirty.add(head.id);
+      this.#record({ op: 'assign', layer: head.id, start, end, value: head.id });
+    } catch (error) {
+      throw ioError(error, `flattening into layer ${head.id}`);
+    } finally {
+      this.#reservedBlocks -= reserved;
+    }
+  }
+
+  // ---- space ---------------------------------------------------------------------------------
+
+  #freeBytes(): number {
+    if (this.#capacityBytes !== undefined) {
+      return this.#capacityBytes - (this.#usedBlocks + this.#reservedBlocks) * BLOCK_SIZE;
+    }
+    return this.#fsFree - (this.#usedBlocks + this.#reservedBlocks - this.#usedAtFsFree) * BLOCK_SIZE;
+  }
+
+  /** Reserves room for `blocks` new blocks or throws ENOSPC; returns what to give back. */
+  #reserve(blocks: number): number {
+    if (blocks <= 0) return 0;
+    if (this.#capacityBytes === undefined && Date.now() - this.#fsFreeAt > FREE_SPACE_REFRESH_MS) {
+      void this.#refreshFree();
+    }
+    if (blocks * BLOCK_SIZE > this.#freeBytes()) {
+      throw new OperationError('ENOSPC', `pool is full (${blocks * BLOCK_SIZE} bytes needed)`);
+    }
+    this.#reservedBlocks += blocks;
+    return blocks;
+  }
+
+  #refreshFree(): Promise<void> {
+    if (this.#capacityBytes !== undefined) return Promise.resolve();
+    this.#fsRefresh ??= this.#files
+      .freeBytes(this.#dir)
+      .then(
+        (free) => {
+          this.#fsFree = free;
+          this.#usedAtFsFree = this.#usedBlocks + this.#reservedBlocks;
+          this.#fsFreeAt = Date.now();
+        },
+        (error: unknown) => this.#log?.warn({ err: error }, 'cannot read free space of the pool file system'),
+      )
+      .finally(() => (this.#fsRefresh = undefined));
+    return this.#fsRefresh;
+  }
+
+  // ---- metadata: one path for live changes and for replay ------------------------------------
+
+  /** Applies a change to the in-memory metadata and journals it; returns layers it freed. */
+  #record(record: MetaRecord): Layer[] {
+    const freed = this.#apply(record);
+    this.#journal!.append(record);
+    return freed;
+  }
+
+  #apply(record: MetaRecord): Layer[] {
+    switch (record.op) {
+      case 'assign': {
+        const layer = this.#layers.get(record.layer);
+        if (layer === undefined) throw new Error(`assign to unknown layer ${record.layer}`);
+        const before = layer.map.count(record.start, record.end, layer.id);
+        layer.map = layer.map.assign(record.start, record.end, record.value);
+        const delta = (record.value === layer.id ? record.end - record.start : 0) - before;
+        layer.blocks += delta;
+        this.#usedBlocks += delta;
+        return [];
+      }
+      case 'create': {
+        const head = this.#newLayer(record.head, null, BlockMap.EMPTY, record.size);
+        this.#addVolume(record.name, 'volume', record.size, null, record.createdAt, head);
+        return [];
+      }
+      case 'snapshot': {
+        const source = this.#existing(record.source);
+        const frozen = this.#freeze(source, record.head);
+        this.#addVolume(record.name, 'snapshot', source.size, source.name, record.createdAt, frozen);
+        return [];
+      }
+      case 'clone': {
+        const source = this.#existing(record.source);
+        const frozen = this.#freeze(source, record.sourceHead);
+        const head = this.#newLayer(record.head, frozen, frozen.map, record.size);
+        this.#addVolume(record.name, 'volume', record.size, source.name, record.createdAt, head);
+        return [];
+      }
+      case 'grow': {
+        const volume = this.#existing(record.name);
+        volume.size = record.size;
+        volume.layer.size = record.size;
+        return [];
+      }
+      case 'delete': {
+        const volume = this.#existing(record.name);
+        volume.deleted = true;
+        this.#volumes.delete(record.name);
+        return this.#release(volume.layer);
+      }
+      case 'detach': {
+        const head = this.#existing(record.name).layer;
+        const parent = head.parent;
+        head.parent = null;
+        return parent === null ? [] : this.#release(parent);
+      }
+    }
+  }
+
+  /**
+   * The frozen layer standing for `source` now. A snapshot is already frozen. A volume's head is
+   * frozen and replaced by `newHead`, unless `newHead` is null: then the head holds nothing
+   * beyond its parent (same map) and the parent stands for it.
+   */
+  #freeze(source: Volume, newHead: number | null): Layer {
+    if (source.kind === 'snapshot') return source.layer;
+    const head = source.layer;
+    if (newHead === null) return head.parent!;
+    head.owner = null;
+    const replacement = this.#newLayer(newHead, head, head.map, source.size);
+    head.refs--;
+    replacement.refs++;
+    replacement.owner = source;
+    source.layer = replacement;
+    return head;
+  }
+
+  #mustFreeze(head: Layer): boolean {
+    return head.parent === null || head.map !== head.parent.map;
+  }
+
+  #newLayer(id: number, parent: Layer | null, map: BlockMap, size: number): Layer {
+    if (this.#layers.has(id)) throw new Error(`layer ${id} exists`);
+    const layer: Layer = { id, parent, map, size, blocks: 0, refs: 0, owner: null };
+    if (parent !== null) parent.refs++;
+    this.#layers.set(id, layer);
+    this.#nextLayerId = Math.max(this.#nextLayerId, id + 1);
+    return layer;
+  }
+
+  #addVolume(
+    name: string,
+    kind: Volume['kind'],
+    size: number,
+    parent: string | null,
+    createdAt: string,
+    layer: Layer,
+  ): Volume {
+    if (this.#volumes.has(name)) throw new Error(`volume ${name} exists`);
+    const volume: Volume = { name, kind, size, parent, createdAt, layer, gate: new Gate(), locks: new BlockLocks(), deleted: false };
+    if (kind === 'volume') layer.owner = volume;
+    layer.refs++;
+    this.#volumes.set(name, volume);
+    return volume;
+  }
+
+  /** Drops one reference; layers reaching zero leave the metadata (their files go later). */
+  #release(layer: Layer): Layer[] {
+    const freed: Layer[] = [];
+    for (let at: Layer | null = layer; at !== null && --at.refs === 0; at = at.parent) {
+      this.#layers.delete(at.id);
+      this.#usedBlocks -= at.blocks;
+      freed.push(at);
+    }
+    return freed;
+  }
+
+  #existing(name: string): Volume {
+    const volume = this.#volumes.get(name);
+    if (volume === undefined) throw new Error(`journal names unknown volume ${name}`);
+    return volume;
+  }
+
+  // ---- layer files ---------------------------------------------------------------------------
+
+  #layerPath(id: number): string {
+    return `${this.#layersDir}/${id.toString(16).padStart(8, '0')}.raw`;
+  }
+
+  #file(layer: Layer, create: true): Promise<FileHandle>;
+  #file(layer: Layer, create: false): Promise<FileHandle | undefined>;
+  #file(layer: Layer, create: boolean): Promise<FileHandle | undefined> {
+    const open = this.#handles.get(layer.id);
+    if (open !== undefined) return open;
+    const exists = this.#onDisk.has(layer.id);
+    if (!exists && !create) return Promise.resolve(undefined);
+    const path = this.#layerPath(layer.id);
+    const opening = exists
+      ? this.#files.open(path, 'readWrite')
+      : this.#files.open(path, 'create').then(async (handle) => {
+          await handle.truncate(layer.size);
+          this.#layersDirDirty = true;
+          return handle;
+        });
+    this.#onDisk.add(layer.id);
+    this.#handles.set(layer.id, opening);
+    opening.catch(() => {
+      this.#handles.delete(layer.id);
+      if (!exists) this.#onDisk.delete(layer.id);
+    });
+    return opening;
+  }
+
+  async #removeLayerFiles(layers: Layer[]): Promise<void> {
+    for (const layer of layers) {
+      const handle = this.#handles.get(layer.id);
+      this.#handles.delete(layer.id);
+      this.#dirty.delete(layer.id);
+      await handle?.then((open) => open.close()).catch(() => undefined);
+      if (this.#onDisk.delete(layer.id)) {
+        await this.#files.unlink(this.#layerPath(layer.id)).catch((error: unknown) => {
+          if (!isErrno(error, 'ENOENT')) this.#log?.warn({ err: error, layer: layer.id }, 'cannot remove layer file');
+        });
+      }
+    }
+  }
+
+  async #closeFiles(): Promise<void> {
+    const handles = [...this.#handles.values()];
+    this.#handles.clear();
+    await Promise.all(handles.map((handle) => handle.then((open) => open.close()).catch(() => undefined)));
+    await this.#journal?.close().catch(() => undefined);
+  }
+
+  // ---- commit, checkpoint, recovery ----------------------------------------------------------
+
+  #startCommit(): Promise<void> {
+    const running = this.#commit().finally(() => {
+      if (this.#commitRunning === running) this.#commitRunning = undefined;
+    });
+    this.#commitRunning = running;
+    return running;
+  }
+
+  async #commit(): Promise<void> {
+    const journal = this.#journal!;
+    if (this.#checkpointWanted || journal.size >= this.#checkpointBytes) {
+      await this.#checkpoint();
+      return;
+    }
+    const frames = journal.take();
+    const trimmed = this.#trimmed;
+    this.#trimmed = [];
+    const synced = await this.#syncData().catch((error: unknown) => {
+      journal.putBack(frames);
+      this.#trimmed = trimmed.concat(this.#trimmed);
+      throw ioError(error, 'flushing data');
+    });
+    try {
+      await journal.write(frames);
+    } catch (error) {
+      journal.putBack(frames);
+      this.#trimmed = trimmed.concat(this.#trimmed);
+      for (const id of synced) this.#dirty.add(id);
+      throw ioError(error, 'writing the journal');
+    }
+    this.#punch(trimmed);
+  }
+
+  /** fsyncs dirty layer files (and the layers directory if files were created). */
+  async #syncData(): Promise<number[]> {
+    const dirty = [...this.#dirty];
+    this.#dirty.clear();
+    const dirDirty = this.#layersDirDirty;
+    this.#layersDirDirty = false;
+    try {
+      await Promise.all(
+        dirty.map(async (id) => {
+          const handle = this.#handles.get(id);
+          if (handle === undefined) return;
+          try {
+            await (await handle).sync();
+          } catch (error) {
+            if (this.#layers.has(id)) throw error;
+          }
+        }),
+      );
+      if (dirDirty) await this.#files.syncDir(this.#layersDir);
+    } catch (error) {
+      for (const id of dirty) this.#dirty.add(id);
+      this.#layersDirDirty ||= dirDirty;
+      throw error;
+    }
+    return dirty;
+  }
+
+  /**
+   * Writes all metadata as it is at this instant (records still pending are in it), then starts
+   * the next journal generation. Runs inside the commit chain, so nothing else writes a journal.
+   */
+  async #checkpoint(): Promise<void> {
+    this.#checkpointWanted = false;
+    const old = this.#journal!;
+    const frames = old.take();
+    const trimmed = this.#trimmed;
+    this.#trimmed = [];
+    const generation = this.#generation + 1;
+    const layers = [...this.#layers.values()];
+    const { bytes: nodes, roots } = encodeMaps(layers.map((layer) => layer.map));
+    const meta: CheckpointMeta = {
+      generation,
+      nextLayerId: this.#nextLayerId,
+      layers: layers.map((layer, i) => ({
+        id: layer.id,
+        parent: layer.parent?.id ?? null,
+        size: layer.size,
+        blocks: layer.blocks,
+        root: roots[i]!,
+      })),
+      volumes: [...this.#volumes.values()].map((volume) => ({
+        name: volume.name,
+        kind: volume.kind,
+        size: volume.size,
+        layer: volume.layer.id,
+        parent: volume.parent,
+        createdAt: volume.createdAt,
+      })),
+    };
+    let next: Journal;
+    try {
+      await this.#syncData();
+      await writeDurably(this.#files, this.#dir, 'checkpoint', encodeCheckpoint(meta, nodes));
+      next = await Journal.create(this.#files, this.#dir, generation);
+    } catch (error) {
+      old.putBack(frames);
+      this.#trimmed = trimmed.concat(this.#trimmed);
+      throw ioError(error, 'writing a checkpoint');
+    }
+    next.putBack(old.take());
+    this.#journal = next;
+    this.#generation = generation;
+    await old.close().catch(() => undefined);
+    await this.#files.unlink(`${this.#dir}/${journalName(generation - 1)}`).catch(() => undefined);
+    this.#punch(trimmed);
+  }
+
+  async #load(): Promise<void> {
+    const files = this.#files;
+    const entries = await files.readdir(this.#dir);
+    if (!entries.includes('format')) {
+      // A pool whose creation was interrupted has no format file yet and no data: start over.
+      const partial = (entry: string): boolean =>
+        entry === 'lock' || entry === 'layers' || entry.startsWith('checkpoint') || entry.startsWith('journal.') || entry === 'format.tmp';
+      const layerFiles = entries.includes('layers') ? await files.readdir(this.#layersDir) : [];
+      if (!entries.every(partial) || layerFiles.length > 0) {
+        throw new OperationError('EINVAL', `${this.#dir} is not empty and holds no clonebd pool`);
+      }
+      await files.mkdir(this.#layersDir);
+      await files.syncDir(this.#dir);
+      this.#journal = await Journal.create(files, this.#dir, 0);
+      await this.#checkpoint();
+      await writeDurably(files, this.#dir, 'format', Buffer.from(FORMAT));
+      await this.#refreshFree();
+      return;
+    }
+    const format = (await readWhole(files, `${this.#dir}/format`)).toString();
+    if (format !== FORMAT) {
+      throw new OperationError('EINVAL', `${this.#dir} has pool format ${JSON.stringify(format.trim())}; expected ${FORMAT.trim()}`);
+    }
+    let meta: CheckpointMeta;
+    let maps: BlockMap[];
+    try {
+      const decoded = decodeCheckpoint(await readWhole(files, `${this.#dir}/checkpoint`));
+      meta = decoded.meta;
+      maps = decodeMaps(decoded.nodes, meta.layers.map((layer) => layer.root));
+    } catch (error) {
+      throw new OperationError('EIO', `cannot read the pool checkpoint: ${(error as Error).message}`, { cause: error });
+    }
+    this.#generation = meta.generation;
+    this.#nextLayerId = meta.nextLayerId;
+    meta.layers.forEach((saved, i) => {
+      this.#layers.set(saved.id, {
+        id: saved.id,
+        parent: null,
+        map: maps[i]!,
+        size: saved.size,
+        blocks: saved.blocks,
+        refs: 0,
+        owner: null,
+      });
+      this.#usedBlocks += saved.blocks;
+    });
+    for (const saved of meta.layers) {
+      if (saved.parent === null) continue;
+      const parent = this.#layers.get(saved.parent)!;
+      this.#layers.get(saved.id)!.parent = parent;
+      parent.refs++;
+    }
+    for (const saved of meta.volumes) {
+      this.#addVolume(saved.name, saved.kind, saved.size, saved.parent, saved.createdAt, this.#layers.get(saved.layer)!);
+    }
+    const { journal, records } = await Journal.recover(files, this.#dir, this.#generation);
+    this.#journal = journal;
+    await files.mkdir(this.#layersDir);
+    try {
+      for (const record of records) this.#apply(record);
+    } catch (error) {
+      throw new OperationError('EIO', `cannot replay the pool journal: ${(error as Error).message}`, { cause: error });
+    }
+    for (const entry of await files.readdir(this.#layersDir)) {
+      const id = /^[0-9a-f]{8}\.raw$/.test(entry) ? Number.parseInt(entry, 16) : NaN;
+      if (this.#layers.has(id)) this.#onDisk.add(id);
+      else await files.unlink(`${this.#layersDir}/${entry}`).catch(() => undefined);
+    }
+    for (const entry of entries) {
+      if (entry.startsWith('journal.') && entry !== journalName(this.#generation)) {
+        await files.unlink(`${this.#dir}/${entry}`).catch(() => undefined);
+      }
+    }
+    await this.#refreshFree();
+    this.#log?.info({ volumes: this.#volumes.size, layers: this.#layers.size, replayed: records.length }, 'pool opened');
+  }
+
+  // ---- hole punching -------------------------------------------------------------------------
+
+  #scheduleTrimCommit(): void {
+    if (this.#trimCommitTimer !== undefined) return;
+    this.#trimCommitTimer = setTimeout(() => {
+      this.#trimCommitTimer = undefined;
+      if (!this.#closed) this.flush().catch((error: unknown) => this.#log?.warn({ err: error }, 'background commit failed'));
+    }, TRIM_COMMIT_DELAY_MS);
+    this.#trimCommitTimer.unref();
+  }
+
+  #punch(ranges: Array<[number, number, number]>): void {
+    if (ranges.length === 0) return;
+    this.#punchable.push(...ranges);
+    if (this.#punching !== undefined) return;
+    this.#punching = (async () => {
+      while (this.#punchable.length > 0) {
+        const batch = this.#punchable;
+        this.#punchable = [];
+        const byLayer = new Map<number, Array<[number, number]>>();
+        for (const [id, start, end] of batch) {
+          const list = byLayer.get(id) ?? [];
+          list.push([start, end]);
+          byLayer.set(id, list);
+        }
+        for (const [id, list] of byLayer) {
+          const layer = this.#layers.get(id);
+          if (layer === undefined || !this.#onDisk.has(id)) continue;
+          const punch = (): Promise<void> => this.#punchLayer(layer, list);
+          await (layer.owner === null ? punch() : layer.owner.gate.exclusive(punch)).catch((error: unknown) =>
+            this.#log?.warn({ err: error, layer: id }, 'hole punching failed'),
+          );
+        }
+      }
+    })().finally(() => (this.#punching = undefined));
+  }
+
+  /** Punches the parts of `ranges` the layer's map no longer points at itself. */
+  async #punchLayer(layer: Layer, ranges: Array<[number, number]>): Promise<void> {
+    ranges.sort((a, b) => a[0] - b[0]);
+    const holes: Array<[number, number]> = [];
+    for (const [start, end] of ranges) {
+      layer.map.runs(start, end, (from, to, value) => {
+        if (value === layer.id) return;
+        const last = holes[holes.length - 1];
+        if (last !== undefined && last[1] >= from) last[1] = Math.max(last[1], to);
+        else holes.push([from, to]);
+      });
+    }
+    const path = this.#layerPath(layer.id);
+    for (const [from, to] of holes) {
+      if (!this.#layers.has(layer.id)) return;
+      const punched = await this.#files.punchHole(path, from * BLOCK_SIZE, (to - from) * BLOCK_SIZE);
+      if (!punched) return;
+    }
+  }
+
+  // ---- checks --------------------------------------------------------------------------------
+
+  #describe(info: VolumeInfo): ExportDescription {
+    return {
+      name: info.name,
+      size: info.size,
+      readOnly: info.readOnly,
+      description: info.kind === 'snapshot' ? `snapshot of ${info.parent ?? '(deleted)'}` : info.parent === null ? 'volume' : `clone of ${info.parent}`,
+    };
+  }
+
+  #volume(name: string): Volume {
+    const volume = this.#volumes.get(name);
+    if (volume === undefined) throw new OperationError('ENOENT', `no volume or snapshot named ${JSON.stringify(name)}`);
+    return volume;
+  }
+
+  #checkFree(name: string): void {
+    if (this.#volumes.has(name)) throw new OperationError('EEXIST', `${name} already exists`);
+  }
+
+  #checkNotClosed(): void {
+    if (this.#closed) throw new OperationError('ESHUTDOWN', 'pool is closed');
+  }
+
+  #checkOpen(volume: Volume): void {
+    this.#checkNotClosed();
+    if (volume.deleted) throw new OperationError('ENOENT', `${volume.name} was deleted`);
+  }
+}
