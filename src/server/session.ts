@@ -116,7 +116,7 @@ export class Session {
   async shutdown(): Promise<void> {
     this.#shuttingDown = true;
     if (this.#phase === 'handshake' || this.#phase === 'opening') {
-      this.#socket.end();
+      this.#endSocket();
     } else if (this.#phase === 'transmission') {
       await this.#drainAndClose();
     }
@@ -201,7 +201,12 @@ export class Session {
     } catch (error) {
       this.#log.error({ err: error }, 'flush at disconnect failed');
     }
-    this.#socket.end();
+    this.#endSocket();
+  }
+
+  /** Closes our side once every reply has left, without waiting for the client to close its side. */
+  #endSocket(): void {
+    this.#socket.end(() => this.#socket.destroy());
   }
 
   async #finish(): Promise<void> {

@@ -188,32 +188,32 @@ class VolumeHandle implements BlockDevice {
     return this.#volume.kind === 'snapshot';
   }
 
-  read(offset: number, length: number): Promise<ReadPiece[]> {
+  async read(offset: number, length: number): Promise<ReadPiece[]> {
     this.#check();
     return this.#io.read(this.#volume, offset, length);
   }
 
-  write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
+  async write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
     this.#checkWritable();
     return this.#io.write(this.#volume, offset, data, fua);
   }
 
-  trim(offset: number, length: number, fua: boolean): Promise<void> {
+  async trim(offset: number, length: number, fua: boolean): Promise<void> {
     this.#checkWritable();
     return this.#io.zero(this.#volume, offset, length, fua);
   }
 
-  zero(offset: number, length: number, options: ZeroOptions): Promise<void> {
+  async zero(offset: number, length: number, options: ZeroOptions): Promise<void> {
     this.#checkWritable();
     return this.#io.zero(this.#volume, offset, length, options.fua);
   }
 
-  flush(): Promise<void> {
+  async flush(): Promise<void> {
     this.#check();
     return this.#io.flush();
   }
 
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
     this.#check();
     return this.#io.blockStatus(this.#volume, offset, length);
   }
