@@ -3,6 +3,8 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import pino from 'pino';
+import { clientCommands } from './client-commands.js';
+import { adminCommands, exitCodeFor } from './admin-commands.js';
 import { DEFAULT_LISTEN, defaultPoolDir, serve } from './serve.js';
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
@@ -43,6 +45,8 @@ async function main(argv: string[]): Promise<void> {
         );
       },
     )
+    .command(clientCommands)
+    .command(adminCommands)
     .demandCommand(1, 'Name a command; see --help')
     .strict()
     .help()
@@ -58,5 +62,5 @@ async function main(argv: string[]): Promise<void> {
 
 main(hideBin(process.argv)).catch((error: unknown) => {
   process.stderr.write(`clonebd: ${error instanceof Error ? error.message : String(error)}\n`);
-  process.exit(1);
+  process.exit(exitCodeFor(error));
 });

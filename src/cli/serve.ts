@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { mkdir, readdir } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { AddressInfo } from 'node:net';
+import { AdminServer } from '../control/admin-server.js';
 import { NbdServer } from '../server/index.js';
 import { Pool } from '../store/index.js';
 import { parseListen } from './parse.js';
@@ -14,6 +15,11 @@ import { parseListen } from './parse.js';
 export const DEFAULT_LISTEN = '127.0.0.1:10809';
 export const DEFAULT_VOLUME_NAME = 'default';
 export const DEFAULT_VOLUME_SIZE = 2 ** 30;
+
+/** The admin API's socket lives inside the pool, so finding the pool finds the daemon. */
+export function adminSocketPath(poolDir: string): string {
+  return join(poolDir, 'admin.sock');
+}
 
 /** The pool every command uses unless told otherwise. */
 export function defaultPoolDir(env: NodeJS.ProcessEnv = process.env): string {
@@ -39,20 +45,20 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
     logger.info({ volume: DEFAULT_VOLUME_NAME, size: DEFAULT_VOLUME_SIZE }, 'created the demo volume');
   }
   const server = new NbdServer({ catalog: pool, logger: logger.child({ component: 'nbd' }) });
+  const admin = new AdminServer({ store: pool, attachments: server, logger: logger.child({ component: 'admin' }) });
   let address: AddressInfo;
   try {
     address = (await server.listen(tcp)) as AddressInfo;
     if (options.socket !== undefined) await server.listen({ path: options.socket });
+    await admin.listen(adminSocketPath(options.pool));
   } catch (error) {
+    await admin.close();
     await server.close();
     await pool.close();
     throw error;
   }
-  logger.info(
-    { pool: options.pool, address: address.address, port: address.port, socket: options.socket },
-    'listening',
-  );
-  await new Promise<void>((resolve) => {
+  // Handlers go in before the "listening" line, so a signal sent on seeing it is handled.
+  const stopped = new Promise<void>((resolve) => {
     const stop = (signal: NodeJS.Signals): void => {
       logger.info({ signal }, 'shutting down');
       process.off('SIGTERM', stop);
@@ -62,6 +68,12 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
     process.on('SIGTERM', stop);
     process.on('SIGINT', stop);
   });
+  logger.info(
+    { pool: options.pool, address: address.address, port: address.port, socket: options.socket, admin: adminSocketPath(options.pool) },
+    'listening',
+  );
+  await stopped;
+  await admin.close();
   await server.close();
   await pool.close();
   logger.info('stopped');

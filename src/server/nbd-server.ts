@@ -53,6 +53,19 @@ export class NbdServer {
     return this.#sessions.size;
   }
 
+  /** Connections attached to an export. */
+  clientsOf(exportName: string): number {
+    let count = 0;
+    for (const session of this.#sessions) if (session.exportName === exportName) count++;
+    return count;
+  }
+
+  /** Ends every connection to an export the graceful way: in-flight requests finish first. */
+  async disconnect(exportName: string): Promise<void> {
+    const attached = [...this.#sessions].filter((session) => session.exportName === exportName);
+    await Promise.all(attached.map((session) => session.shutdown()));
+  }
+
   async listen(target: ListenTarget): Promise<AddressInfo | string> {
     const listener = createServer((socket) => this.#accept(socket));
     if ('path' in target) await unlink(target.path).catch(() => undefined);

@@ -112,6 +112,11 @@ export class Session {
     return this.#closed;
   }
 
+  /** The export this connection has selected, once the handshake has chosen one. */
+  get exportName(): string | undefined {
+    return this.#phase === 'closed' ? undefined : this.#negotiated?.export.name;
+  }
+
   /** Graceful end: refuse new work, finish what is in flight, flush, close. */
   async shutdown(): Promise<void> {
     this.#shuttingDown = true;

@@ -12,6 +12,8 @@ export const ERROR_CODES = [
   'ENOENT',
   'EEXIST',
   'EBUSY',
+  /** A size outside what the operation allows, e.g. a clone smaller than its source. */
+  'ERANGE',
   'ESHUTDOWN',
   /** The daemon is not running (its admin socket refuses or is absent). */
   'ENOTCONN',

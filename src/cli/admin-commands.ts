@@ -1,0 +1,313 @@
+/**
+ * Volume, snapshot and pool commands: parse, call the daemon's admin API, print. Every command
+ * finds the daemon through the pool directory, whose admin socket lives inside it.
+ */
+import type { Argv, CommandModule } from 'yargs';
+import { AdminClient } from '../control/admin-client.js';
+import type { VolumeView } from '../control/admin-server.js';
+import { isOperationError, type ErrorCode } from '../util/errors.js';
+import { parseSize } from './parse.js';
+import { adminSocketPath, defaultPoolDir } from './serve.js';
+
+/** Exit codes by error, documented in the README; usage errors exit 2, anything else 1. */
+export const EXIT_CODES: Readonly<Partial<Record<ErrorCode, number>>> = {
+  ENOTCONN: 3,
+  EEXIST: 4,
+  ENOENT: 5,
+  ERANGE: 6,
+  ENOSPC: 7,
+  EINVAL: 8,
+  EBUSY: 9,
+};
+
+export function exitCodeFor(error: unknown): number {
+  return (isOperationError(error) ? EXIT_CODES[error.code] : undefined) ?? 1;
+}
+
+interface PoolArgs {
+  pool: string;
+  json: boolean;
+}
+
+function withPool<T>(yargs: Argv<T>): Argv<T & PoolArgs> {
+  return yargs
+    .option('pool', { type: 'string', default: defaultPoolDir(), describe: 'Pool directory of the daemon; env CLONEBD_POOL' })
+    .option('json', { type: 'boolean', default: false, describe: 'Print JSON for scripts' }) as Argv<T & PoolArgs>;
+}
+
+/** A command module whose handler sees the arguments its builder declared. */
+function command<A>(
+  name: string,
+  describe: string,
+  builder: (yargs: Argv) => Argv<A>,
+  handler: (args: A) => Promise<void> | void,
+): CommandModule {
+  return { command: name, describe, builder: builder as CommandModule['builder'], handler: handler as CommandModule['handler'] };
+}
+
+function client(args: PoolArgs): AdminClient {
+  return new AdminClient(adminSocketPath(args.pool));
+}
+
+function print(args: PoolArgs, value: unknown, text: () => string): void {
+  process.stdout.write(args.json ? `${JSON.stringify(value, null, 2)}\n` : `${text()}\n`);
+}
+
+export function formatBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return unit === 0 ? `${bytes} B` : `${value.toFixed(value < 10 ? 2 : 1)} ${units[unit]}`;
+}
+
+export function formatTable(headers: string[], rows: string[][]): string {
+  const widths = headers.map((header, column) => Math.max(header.length, ...rows.map((row) => (row[column] ?? '').length)));
+  const line = (cells: string[]): string =>
+    cells.map((cell, column) => cell.padEnd(widths[column]!)).join('  ').trimEnd();
+  return [line(headers), ...rows.map(line)].join('\n');
+}
+
+function volumeTable(volumes: VolumeView[]): string {
+  if (volumes.length === 0) return 'no volumes';
+  return formatTable(
+    ['NAME', 'KIND', 'SIZE', 'USED', 'EXCLUSIVE', 'SHARED', 'PARENT', 'RO', 'CLIENTS'],
+    volumes.map((v) => [
+      v.name,
+      v.kind,
+      formatBytes(v.size),
+      formatBytes(v.exclusiveBytes + v.sharedBytes),
+      formatBytes(v.exclusiveBytes),
+      formatBytes(v.sharedBytes),
+      v.parent ?? '-',
+      v.readOnly ? 'yes' : 'no',
+      String(v.clients),
+    ]),
+  );
+}
+
+function volumeDetails(v: VolumeView): string {
+  return formatTable(
+    ['FIELD', 'VALUE'],
+    [
+      ['name', v.name],
+      ['kind', v.kind],
+      ['size', `${formatBytes(v.size)} (${v.size} bytes)`],
+      ['exclusive', `${formatBytes(v.exclusiveBytes)} (${v.exclusiveBytes} bytes)`],
+      ['shared', `${formatBytes(v.sharedBytes)} (${v.sharedBytes} bytes)`],
+      ['parent', v.parent ?? '-'],
+      ['read-only', v.readOnly ? 'yes' : 'no'],
+      ['snapshots', v.snapshots.length === 0 ? '-' : v.snapshots.join(', ')],
+      ['clients', String(v.clients)],
+      ['created', v.createdAt],
+    ],
+  );
+}
+
+function sizeOption<T>(yargs: Argv<T>, demand: boolean): Argv<T & { size: number | undefined }> {
+  return yargs.option('size', {
+    type: 'string',
+    demandOption: demand,
+    describe: 'Size: bytes, or with a unit (10G = 10GiB, 10GB = 10^10)',
+    coerce: (text: string) => parseSize(text),
+  }) as unknown as Argv<T & { size: number | undefined }>;
+}
+
+/** A terminal progress bar with rate and time left; plain lines when not on a terminal. */
+function progressReporter(label: string): (done: number, total: number) => void {
+  const started = performance.now();
+  let lastLine = 0;
+  return (done, total) => {
+    const seconds = (performance.now() - started) / 1000;
+    const rate = seconds > 0 ? done / seconds : 0;
+    const eta = rate > 0 ? (total - done) / rate : 0;
+    const fraction = total === 0 ? 1 : done / total;
+    const width = 30;
+    const bar = '#'.repeat(Math.round(fraction * width)).padEnd(width, '.');
+    const text = `${label} [${bar}] ${(fraction * 100).toFixed(1)}% ${formatBytes(done)}/${formatBytes(total)} ${formatBytes(rate)}/s ETA ${eta.toFixed(0)}s`;
+    if (process.stderr.isTTY) {
+      process.stderr.write(`\r${text}`);
+      if (done >= total) process.stderr.write('\n');
+    } else if (performance.now() - lastLine > 1000 || (done >= total && lastLine !== Infinity)) {
+      if (done >= total) lastLine = Infinity;
+      if (lastLine !== Infinity) lastLine = performance.now();
+      process.stderr.write(`${text}\n`);
+    }
+  };
+}
+
+const volumeCommands: CommandModule[] = [
+  command(
+    'create <name>',
+    'Create an empty volume',
+    (y) => sizeOption(withPool(y), true).positional('name', { type: 'string', demandOption: true }).example('$0 volume create db --size 10GiB', ''),
+    async (args) => {
+      const a = args as PoolArgs & { name: string; size: number };
+      const volume = await client(a).createVolume(a.name, a.size);
+      print(a, volume, () => `created volume ${volume.name} (${formatBytes(volume.size)})`);
+    },
+  ),
+  command(
+    'list',
+    'List volumes and snapshots with their space use',
+    (y) => withPool(y).example('$0 volume list --json', ''),
+    async (args) => {
+      const volumes = await client(args).listVolumes();
+      print(args, volumes, () => volumeTable(volumes));
+    },
+  ),
+  command(
+    'show <name>',
+    'Show one volume or snapshot',
+    (y) => withPool(y).positional('name', { type: 'string', demandOption: true }).example('$0 volume show db', ''),
+    async (args) => {
+      const volume = await client(args).showVolume(args.name);
+      print(args, volume, () => volumeDetails(volume));
+    },
+  ),
+  command(
+    'clone <source> <name>',
+    'Clone a volume or snapshot instantly (no data is copied)',
+    (y) =>
+      sizeOption(withPool(y), false)
+        .positional('source', { type: 'string', demandOption: true })
+        .positional('name', { type: 'string', demandOption: true })
+        .example('$0 volume clone db db-test', '')
+        .example('$0 volume clone db db-big --size 20GiB', 'a clone larger than its source'),
+    async (args) => {
+      const a = args as PoolArgs & { source: string; name: string; size: number | undefined };
+      const volume = await client(a).clone(a.source, a.name, a.size);
+      print(a, volume, () => `cloned ${a.source} as ${volume.name} (${formatBytes(volume.size)})`);
+    },
+  ),
+  command(
+    'grow <name>',
+    'Grow a volume online; clients see the new size when they reconnect',
+    (y) => sizeOption(withPool(y), true).positional('name', { type: 'string', demandOption: true }).example('$0 volume grow db --size 20GiB', ''),
+    async (args) => {
+      const a = args as PoolArgs & { name: string; size: number };
+      const volume = await client(a).grow(a.name, a.size);
+      print(a, volume, () => `${volume.name} is now ${formatBytes(volume.size)}`);
+    },
+  ),
+  command(
+    'flatten <name>',
+    'Copy what a clone shares so it stands alone (online)',
+    (y) => withPool(y).positional('name', { type: 'string', demandOption: true }).example('$0 volume flatten db-test', ''),
+    async (args) => {
+      const a = args;
+      const report = a.json ? undefined : progressReporter(`flatten ${a.name}`);
+      const volume = await client(a).flatten(a.name, (progress) => report?.(progress.done, progress.total));
+      print(a, volume, () => `${volume.name} is flat: it shares nothing`);
+    },
+  ),
+  command(
+    'delete <name>',
+    'Delete a volume; its clones and snapshots stay intact',
+    (y) =>
+      withPool(y)
+        .positional('name', { type: 'string', demandOption: true })
+        .option('force', { type: 'boolean', default: false, describe: 'Disconnect attached clients first' })
+        .example('$0 volume delete db-test --force', ''),
+    async (args) => {
+      const a = args as PoolArgs & { name: string; force: boolean };
+      const result = await client(a).delete(a.name, a.force);
+      print(a, result, () => `deleted ${a.name}`);
+    },
+  ),
+];
+
+const snapshotCommands: CommandModule[] = [
+  command(
+    'create <volume> <name>',
+    'Take a read-only, point-in-time snapshot of a volume',
+    (y) =>
+      withPool(y)
+        .positional('volume', { type: 'string', demandOption: true })
+        .positional('name', { type: 'string', demandOption: true })
+        .example('$0 snapshot create db db-monday', ''),
+    async (args) => {
+      const a = args as PoolArgs & { volume: string; name: string };
+      const snapshot = await client(a).snapshot(a.volume, a.name);
+      print(a, snapshot, () => `snapshot ${snapshot.name} of ${a.volume} taken`);
+    },
+  ),
+  command(
+    'list [volume]',
+    'List snapshots, of one volume or all',
+    (y) => withPool(y).positional('volume', { type: 'string' }).example('$0 snapshot list db', ''),
+    async (args) => {
+      const a = args;
+      const snapshots = (await client(a).listVolumes()).filter(
+        (v) => v.kind === 'snapshot' && (a.volume === undefined || v.parent === a.volume),
+      );
+      print(a, snapshots, () => volumeTable(snapshots));
+    },
+  ),
+  command(
+    'delete <name>',
+    'Delete a snapshot; clones made from it stay intact',
+    (y) =>
+      withPool(y)
+        .positional('name', { type: 'string', demandOption: true })
+        .option('force', { type: 'boolean', default: false, describe: 'Disconnect attached clients first' })
+        .example('$0 snapshot delete db-monday', ''),
+    async (args) => {
+      const a = args as PoolArgs & { name: string; force: boolean };
+      const snapshot = await client(a).showVolume(a.name);
+      if (snapshot.kind !== 'snapshot') throw new Error(`${a.name} is a volume; use 'clonebd volume delete'`);
+      const result = await client(a).delete(a.name, a.force);
+      print(a, result, () => `deleted snapshot ${a.name}`);
+    },
+  ),
+];
+
+export const adminCommands: CommandModule[] = [
+  command(
+    'volume',
+    'Create, list, clone, grow, flatten and delete volumes',
+    (y) => y.command(volumeCommands).demandCommand(1, 'Name a volume command; see --help'),
+    () => undefined,
+  ),
+  command(
+    'snapshot',
+    'Create, list and delete snapshots',
+    (y) => y.command(snapshotCommands).demandCommand(1, 'Name a snapshot command; see --help'),
+    () => undefined,
+  ),
+  command(
+    'pool',
+    'Pool status',
+    (y) =>
+      y
+        .command(
+          command(
+            'status',
+            'Capacity, use and layers of the pool',
+            (yy) => withPool(yy).example('$0 pool status --json', ''),
+            async (args) => {
+              const status = await client(args).poolStatus();
+              print(args, status, () =>
+                formatTable(
+                  ['CAPACITY', 'USED', 'FREE', 'LAYERS', 'VOLUMES'],
+                  [
+                    [
+                      formatBytes(status.capacityBytes),
+                      formatBytes(status.usedBytes),
+                      formatBytes(status.freeBytes),
+                      String(status.layers),
+                      String(status.volumes.length),
+                    ],
+                  ],
+                ),
+              );
+            },
+          ),
+        )
+        .demandCommand(1, 'Name a pool command; see --help'),
+    () => undefined,
+  ),
+];

@@ -1,0 +1,118 @@
+/**
+ * The admin API's client, used by the CLI and the CSI driver. Every failure is an
+ * OperationError; a daemon that is not running is ENOTCONN.
+ */
+import { request as httpRequest } from 'node:http';
+import { OperationError } from '../util/errors.js';
+import { fromWireError, type WireError } from './http-json.js';
+import type { PoolUsage } from '../store/index.js';
+import type { VolumeView } from './admin-server.js';
+
+export interface FlattenProgress {
+  done: number;
+  total: number;
+}
+
+export class AdminClient {
+  readonly #socketPath: string;
+
+  constructor(socketPath: string) {
+    this.#socketPath = socketPath;
+  }
+
+  poolStatus(): Promise<PoolUsage> {
+    return this.#call('GET', '/v1/pool');
+  }
+
+  listVolumes(): Promise<VolumeView[]> {
+    return this.#call('GET', '/v1/volumes');
+  }
+
+  showVolume(name: string): Promise<VolumeView> {
+    return this.#call('GET', `/v1/volumes/${encodeURIComponent(name)}`);
+  }
+
+  createVolume(name: string, size: number): Promise<VolumeView> {
+    return this.#call('POST', '/v1/volumes', { name, size });
+  }
+
+  clone(source: string, name: string, size?: number): Promise<VolumeView> {
+    return this.#call('POST', `/v1/volumes/${encodeURIComponent(source)}/clone`, { name, size });
+  }
+
+  snapshot(source: string, name: string): Promise<VolumeView> {
+    return this.#call('POST', `/v1/volumes/${encodeURIComponent(source)}/snapshot`, { name });
+  }
+
+  grow(name: string, size: number): Promise<VolumeView> {
+    return this.#call('POST', `/v1/volumes/${encodeURIComponent(name)}/grow`, { size });
+  }
+
+  delete(name: string, force = false): Promise<{ deleted: string }> {
+    return this.#call('DELETE', `/v1/volumes/${encodeURIComponent(name)}${force ? '?force=1' : ''}`);
+  }
+
+  /** Flattens, reporting progress lines as the daemon sends them. */
+  async flatten(name: string, onProgress?: (progress: FlattenProgress) => void): Promise<VolumeView> {
+    let result: VolumeView | undefined;
+    let failure: OperationError | undefined;
+    await this.#stream('POST', `/v1/volumes/${encodeURIComponent(name)}/flatten`, (line) => {
+      const message = JSON.parse(line) as { progress?: FlattenProgress; result?: VolumeView; error?: WireError };
+      if (message.progress !== undefined) onProgress?.(message.progress);
+      if (message.result !== undefined) result = message.result;
+      if (message.error !== undefined) failure = fromWireError(message.error);
+    });
+    if (failure !== undefined) throw failure;
+    if (result === undefined) throw new OperationError('EIO', 'flatten ended without a result');
+    return result;
+  }
+
+  async #call<T>(method: string, path: string, body?: unknown): Promise<T> {
+    let text = '';
+    const status = await this.#stream(method, path, (line) => (text += line), body);
+    const value: unknown = text === '' ? {} : JSON.parse(text);
+    if (status >= 400) throw fromWireError((value as { error?: unknown }).error);
+    return value as T;
+  }
+
+  /** Sends one request; hands the response body to `onLine` line by line; resolves to the status. */
+  #stream(method: string, path: string, onLine: (line: string) => void, body?: unknown): Promise<number> {
+    const payload = body === undefined ? undefined : JSON.stringify(body);
+    return new Promise((resolve, reject) => {
+      const request = httpRequest(
+        {
+          socketPath: this.#socketPath,
+          method,
+          path,
+          headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) },
+        },
+        (response) => {
+          let pending = '';
+          response.setEncoding('utf8');
+          response.on('data', (chunk: string) => {
+            pending += chunk;
+            let newline = pending.indexOf('\n');
+            while (newline >= 0) {
+              onLine(pending.slice(0, newline));
+              pending = pending.slice(newline + 1);
+              newline = pending.indexOf('\n');
+            }
+          });
+          response.on('end', () => {
+            if (pending !== '') onLine(pending);
+            resolve(response.statusCode ?? 500);
+          });
+          response.on('error', reject);
+        },
+      );
+      request.on('error', (error: NodeJS.ErrnoException) => {
+        if (error.code === 'ECONNREFUSED' || error.code === 'ENOENT') {
+          reject(new OperationError('ENOTCONN', `no clonebd daemon is running on this pool (no answer on ${this.#socketPath}); start one with 'clonebd serve --pool DIR'`, { cause: error }));
+        } else {
+          reject(new OperationError('EIO', `admin request failed: ${error.message}`, { cause: error }));
+        }
+      });
+      request.end(payload);
+    });
+  }
+}
