@@ -116,26 +116,25 @@ function sizeOption<T>(yargs: Argv<T>, demand: boolean): Argv<T & { size: number
   }) as unknown as Argv<T & { size: number | undefined }>;
 }
 
-/** A terminal progress bar with rate and time left; plain lines when not on a terminal. */
+/** A terminal progress bar with rate and time left; a line a second when not on a terminal. */
 function progressReporter(label: string): (done: number, total: number) => void {
   const started = performance.now();
-  let lastLine = 0;
+  let lastLine = -Infinity;
+  let finished = false;
   return (done, total) => {
-    const seconds = (performance.now() - started) / 1000;
+    if (finished) return;
+    finished = done >= total;
+    const now = performance.now();
+    if (!process.stderr.isTTY && !finished && now - lastLine < 1000) return;
+    lastLine = now;
+    const seconds = (now - started) / 1000;
     const rate = seconds > 0 ? done / seconds : 0;
     const eta = rate > 0 ? (total - done) / rate : 0;
     const fraction = total === 0 ? 1 : done / total;
-    const width = 30;
-    const bar = '#'.repeat(Math.round(fraction * width)).padEnd(width, '.');
+    const bar = '#'.repeat(Math.round(fraction * 30)).padEnd(30, '.');
     const text = `${label} [${bar}] ${(fraction * 100).toFixed(1)}% ${formatBytes(done)}/${formatBytes(total)} ${formatBytes(rate)}/s ETA ${eta.toFixed(0)}s`;
-    if (process.stderr.isTTY) {
-      process.stderr.write(`\r${text}`);
-      if (done >= total) process.stderr.write('\n');
-    } else if (performance.now() - lastLine > 1000 || (done >= total && lastLine !== Infinity)) {
-      if (done >= total) lastLine = Infinity;
-      if (lastLine !== Infinity) lastLine = performance.now();
-      process.stderr.write(`${text}\n`);
-    }
+    if (process.stderr.isTTY) process.stderr.write(`\r${text}${finished ? '\n' : ''}`);
+    else process.stderr.write(`${text}\n`);
   };
 }
 
