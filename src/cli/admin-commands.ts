@@ -7,7 +7,9 @@ import { AdminClient } from '../control/admin-client.js';
 import type { VolumeView } from '../control/admin-server.js';
 import { isOperationError, type ErrorCode } from '../util/errors.js';
 import { parseSize } from './parse.js';
-import { adminSocketPath, defaultPoolDir } from './serve.js';
+import { adminSocketPath, defaultPoolDir, nbdSocketPath } from './serve.js';
+import { exportVolume, importFile } from './transfer.js';
+import { stat } from 'node:fs/promises';
 
 /** Exit codes by error, documented in the README; usage errors exit 2, anything else 1. */
 export const EXIT_CODES: Readonly<Partial<Record<ErrorCode, number>>> = {
@@ -117,7 +119,7 @@ function sizeOption<T>(yargs: Argv<T>, demand: boolean): Argv<T & { size: number
 }
 
 /** A terminal progress bar with rate and time left; a line a second when not on a terminal. */
-function progressReporter(label: string): (done: number, total: number) => void {
+export function progressReporter(label: string): (done: number, total: number) => void {
   const started = performance.now();
   let lastLine = -Infinity;
   let finished = false;
@@ -215,6 +217,39 @@ const volumeCommands: CommandModule[] = [
       const a = args as PoolArgs & { name: string; force: boolean };
       const result = await client(a).delete(a.name, a.force);
       print(a, result, () => `deleted ${a.name}`);
+    },
+  ),
+  command(
+    'import <name> <file>',
+    'Copy a raw image file into a volume (created with the file\'s size if absent); zero runs stay holes',
+    (y) =>
+      withPool(y)
+        .positional('name', { type: 'string', demandOption: true })
+        .positional('file', { type: 'string', demandOption: true })
+        .example('$0 volume import db disk.raw', ''),
+    async (args) => {
+      const admin = client(args);
+      const existing = await admin.showVolume(args.name).catch((error: unknown) => {
+        if (isOperationError(error, 'ENOENT')) return undefined;
+        throw error;
+      });
+      if (existing === undefined) await admin.createVolume(args.name, (await stat(args.file)).size);
+      await importFile(nbdSocketPath(args.pool), args.name, args.file, args.json ? undefined : progressReporter(`import ${args.name}`));
+      const volume = await admin.showVolume(args.name);
+      print(args, volume, () => `imported ${args.file} into ${volume.name}`);
+    },
+  ),
+  command(
+    'export <name> <file>',
+    'Copy a volume or snapshot into a raw image file; holes stay holes',
+    (y) =>
+      withPool(y)
+        .positional('name', { type: 'string', demandOption: true })
+        .positional('file', { type: 'string', demandOption: true })
+        .example('$0 volume export db-monday backup.raw', ''),
+    async (args) => {
+      await exportVolume(nbdSocketPath(args.pool), args.name, args.file, args.json ? undefined : progressReporter(`export ${args.name}`));
+      print(args, { exported: args.name, file: args.file }, () => `exported ${args.name} to ${args.file}`);
     },
   ),
 ];

@@ -21,6 +21,11 @@ export function adminSocketPath(poolDir: string): string {
   return join(poolDir, 'admin.sock');
 }
 
+/** An NBD socket inside the pool, so local commands (import, export) reach the exports too. */
+export function nbdSocketPath(poolDir: string): string {
+  return join(poolDir, 'nbd.sock');
+}
+
 /** The pool every command uses unless told otherwise. */
 export function defaultPoolDir(env: NodeJS.ProcessEnv = process.env): string {
   if (env.CLONEBD_POOL) return env.CLONEBD_POOL;
@@ -50,6 +55,7 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
   try {
     address = (await server.listen(tcp)) as AddressInfo;
     if (options.socket !== undefined) await server.listen({ path: options.socket });
+    await server.listen({ path: nbdSocketPath(options.pool) });
     await admin.listen(adminSocketPath(options.pool));
   } catch (error) {
     await admin.close();
