@@ -44,6 +44,8 @@ async function runFio(fio: string, name: string, options: string[]): Promise<Fio
     `--uri=${server.uri(name)}`,
     '--verify=crc32c',
     '--verify_fatal=1',
+    // fio would otherwise leave its verify state files in the working directory.
+    '--verify_state_save=0',
     '--do_verify=1',
     '--output-format=json',
     `--output=${output}`,
