@@ -42,7 +42,7 @@ export interface StartOptions {
   /** Also listen on a Unix socket in the helper's temp dir. */
   socket?: boolean;
   /** Runs against the pool (opened with the store's Pool) before the server starts on it. */
-  prepare?: (pool: Pool) => Promise<void>;
+  prepare?: (pool: Pool) => Promise<unknown>;
   env?: NodeJS.ProcessEnv;
 }
 
@@ -88,7 +88,7 @@ function formatHost(address: string): string {
   return address.includes(':') ? `[${address}]` : address;
 }
 
-async function preparePool(dir: string, prepare: (pool: Pool) => Promise<void>): Promise<void> {
+async function preparePool(dir: string, prepare: (pool: Pool) => Promise<unknown>): Promise<void> {
   const { Pool: PoolClass } = await import('../../src/store/index.js');
   const pool = await PoolClass.open(dir);
   try {
