@@ -34,13 +34,23 @@ async function main(argv: string[]): Promise<void> {
             default: true,
             describe: 'Create an empty 1 GiB volume named "default" in a new pool',
           })
+          .option('metrics', {
+            type: 'string',
+            describe: 'Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; e.g. 127.0.0.1:9810)',
+          })
           .option('log-level', { choices: LOG_LEVELS, default: 'info' as const, describe: 'Log level' })
           .example('$0 serve', 'serve the default pool on 127.0.0.1:10809')
           .example('$0 serve --pool /srv/clonebd --listen 0.0.0.0:10809', 'serve another pool on every address'),
       async (args) => {
         const logger = pino({ level: args['log-level'] });
         await serve(
-          { pool: args.pool, listen: args.listen, socket: args.socket, defaultVolume: args['default-volume'] },
+          {
+            pool: args.pool,
+            listen: args.listen,
+            socket: args.socket,
+            defaultVolume: args['default-volume'],
+            metrics: args.metrics,
+          },
           logger,
         );
       },

@@ -10,7 +10,9 @@ import type { AddressInfo } from 'node:net';
 import { AdminServer } from '../control/admin-server.js';
 import { NbdServer } from '../server/index.js';
 import { Pool } from '../store/index.js';
-import { parseListen } from './parse.js';
+import { Registry } from '../util/metrics.js';
+import { poolGauges, startMetricsEndpoint } from './metrics-endpoint.js';
+import { parseListen, type HostPort } from './parse.js';
 
 export const DEFAULT_LISTEN = '127.0.0.1:10809';
 export const DEFAULT_VOLUME_NAME = 'default';
@@ -38,10 +40,13 @@ export interface ServeOptions {
   listen: string;
   socket?: string;
   defaultVolume: boolean;
+  /** Serve Prometheus metrics here; off when absent. */
+  metrics?: string;
 }
 
 export async function serve(options: ServeOptions, logger: Logger): Promise<void> {
   const tcp = parseListen(options.listen);
+  const metricsAddress: HostPort | undefined = options.metrics === undefined ? undefined : parseListen(options.metrics);
   const isNewPool = (await readdir(options.pool).catch(() => [])).length === 0;
   await mkdir(options.pool, { recursive: true });
   const pool = await Pool.open(options.pool, { logger: logger.child({ component: 'store' }) });
@@ -49,15 +54,21 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
     await pool.createVolume(DEFAULT_VOLUME_NAME, DEFAULT_VOLUME_SIZE);
     logger.info({ volume: DEFAULT_VOLUME_NAME, size: DEFAULT_VOLUME_SIZE }, 'created the demo volume');
   }
-  const server = new NbdServer({ catalog: pool, logger: logger.child({ component: 'nbd' }) });
+  const registry = metricsAddress === undefined ? undefined : new Registry();
+  const server = new NbdServer({ catalog: pool, logger: logger.child({ component: 'nbd' }), metrics: registry });
   const admin = new AdminServer({ store: pool, attachments: server, logger: logger.child({ component: 'admin' }) });
   let address: AddressInfo;
+  let metricsEndpoint: Awaited<ReturnType<typeof startMetricsEndpoint>> | undefined;
   try {
     address = (await server.listen(tcp)) as AddressInfo;
     if (options.socket !== undefined) await server.listen({ path: options.socket });
     await server.listen({ path: nbdSocketPath(options.pool) });
     await admin.listen(adminSocketPath(options.pool));
+    if (registry !== undefined && metricsAddress !== undefined) {
+      metricsEndpoint = await startMetricsEndpoint(metricsAddress, registry, poolGauges(registry, pool));
+    }
   } catch (error) {
+    metricsEndpoint?.server.close();
     await admin.close();
     await server.close();
     await pool.close();
@@ -75,10 +86,11 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
     process.on('SIGINT', stop);
   });
   logger.info(
-    { pool: options.pool, address: address.address, port: address.port, socket: options.socket, admin: adminSocketPath(options.pool) },
+    { pool: options.pool, address: address.address, port: address.port, socket: options.socket, admin: adminSocketPath(options.pool), metrics: metricsEndpoint?.address },
     'listening',
   );
   await stopped;
+  metricsEndpoint?.server.close();
   await admin.close();
   await server.close();
   await pool.close();

@@ -9,6 +9,8 @@ import type { Logger } from 'pino';
 import { MAX_PAYLOAD } from '../nbd/constants.js';
 import type { BlockSizes } from '../nbd/server-handshake.js';
 import type { ExportCatalog } from '../store/types.js';
+import type { Registry } from '../util/metrics.js';
+import { ServerMetrics } from './metrics.js';
 import { Session, type SessionLimits } from './session.js';
 
 export interface ServerLimits extends SessionLimits {
@@ -32,6 +34,8 @@ export interface ServerOptions {
   limits?: Partial<ServerLimits>;
   /** The export a client gets when it asks for the empty name. */
   defaultExportName?: string;
+  /** Where to count requests, connections and requests in flight; none when absent. */
+  metrics?: Registry;
 }
 
 export type ListenTarget = { host: string; port: number } | { path: string };
@@ -41,12 +45,20 @@ export class NbdServer {
   readonly #sessions = new Set<Session>();
   readonly #options: ServerOptions;
   readonly #limits: ServerLimits;
+  readonly #metrics: ServerMetrics | undefined;
   #nextConnectionId = 1;
   #shuttingDown = false;
 
   constructor(options: ServerOptions) {
     this.#options = options;
     this.#limits = { ...DEFAULT_LIMITS, ...options.limits };
+    if (options.metrics !== undefined) {
+      this.#metrics = new ServerMetrics(options.metrics);
+      options.metrics.gauge('clonebd_nbd_connections', 'Open NBD connections', () => [[{}, this.#sessions.size]]);
+      options.metrics.gauge('clonebd_nbd_requests_in_flight', 'NBD requests received and not yet answered', () => [
+        [{}, [...this.#sessions].reduce((sum, session) => sum + session.inFlightRequests, 0)],
+      ]);
+    }
   }
 
   get connectionCount(): number {
@@ -103,6 +115,7 @@ export class NbdServer {
         catalog: this.#options.catalog,
         logger: this.#options.logger,
         limits: this.#limits,
+        metrics: this.#metrics,
         handshake: {
           catalog: this.#options.catalog,
           defaultExportName: this.#options.defaultExportName ?? 'default',

@@ -31,6 +31,7 @@ import {
 } from '../nbd/index.js';
 import * as C from '../nbd/constants.js';
 import type { BlockDevice, ExportCatalog, ReadPiece } from '../store/types.js';
+import type { ExportMetrics, ServerMetrics } from './metrics.js';
 import { OperationError } from '../util/errors.js';
 
 export interface SessionLimits {
@@ -46,6 +47,7 @@ export interface SessionContext {
   logger: Logger;
   limits: SessionLimits;
   handshake: HandshakeOptions;
+  metrics?: ServerMetrics;
 }
 
 const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
@@ -80,6 +82,7 @@ export class Session {
   #phase: Phase = 'handshake';
   #negotiated: NegotiatedExport | undefined;
   #device: BlockDevice | undefined;
+  #metrics: ExportMetrics | undefined;
   #inFlightRequests = 0;
   #inFlightBytes = 0;
   #writeBlocked = false;
@@ -110,6 +113,10 @@ export class Session {
 
   get closed(): Promise<void> {
     return this.#closed;
+  }
+
+  get inFlightRequests(): number {
+    return this.#inFlightRequests;
   }
 
   /** The export this connection has selected, once the handshake has chosen one. */
@@ -191,6 +198,7 @@ export class Session {
       { export: negotiated.export.name, structured: negotiated.structuredReplies },
       'transmission started',
     );
+    this.#metrics = this.#context.metrics?.forExport(negotiated.export.name);
     this.#phase = 'transmission';
     this.#socket.resume();
     this.#pump();
@@ -231,6 +239,9 @@ export class Session {
 
   #dispatch(request: NbdRequest): void {
     const bytes = request.type === C.NBD_CMD_READ ? request.length : (request.payload?.length ?? 0);
+    const started = this.#metrics === undefined ? 0 : performance.now();
+    const record = (failed: boolean): void =>
+      this.#metrics?.record(request.type, request.length, (performance.now() - started) / 1000, failed);
     this.#inFlightRequests++;
     this.#inFlightBytes += bytes;
     let rejection: RequestRejected | undefined;
@@ -241,12 +252,17 @@ export class Session {
     }
     if (rejection !== undefined) {
       this.#log.debug({ type: request.type, error: rejection.error, reason: rejection.message }, 'request rejected');
+      record(true);
       this.#replyError(request, rejection.error, rejection.message, bytes);
       return;
     }
     this.#run(request).then(
-      (reply) => this.#send(reply, bytes),
+      (reply) => {
+        record(false);
+        this.#send(reply, bytes);
+      },
       (error: unknown) => {
+        record(true);
         const fastZero = (request.flags & C.NBD_CMD_FLAG_FAST_ZERO) !== 0;
         const value = nbdErrorFor(error, { fastZero });
         const level = value === C.NBD_EIO ? 'error' : 'debug';
