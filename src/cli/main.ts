@@ -7,6 +7,7 @@ import { clientCommands } from './client-commands.js';
 import { adminCommands, exitCodeFor } from './admin-commands.js';
 import { DEFAULT_LISTEN, defaultPoolDir, serve } from './serve.js';
 
+const env = process.env;
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
 async function main(argv: string[]): Promise<void> {
@@ -26,9 +27,10 @@ async function main(argv: string[]): Promise<void> {
           .option('listen', {
             type: 'string',
             describe: 'TCP address HOST:PORT',
-            default: DEFAULT_LISTEN,
+            default: env.CLONEBD_LISTEN ?? DEFAULT_LISTEN,
+            defaultDescription: `$CLONEBD_LISTEN or ${DEFAULT_LISTEN}`,
           })
-          .option('socket', { type: 'string', describe: 'Also listen on this Unix socket path' })
+          .option('socket', { type: 'string', describe: 'Also listen on this Unix socket path; env CLONEBD_SOCKET', default: env.CLONEBD_SOCKET })
           .option('default-volume', {
             type: 'boolean',
             default: true,
@@ -36,9 +38,14 @@ async function main(argv: string[]): Promise<void> {
           })
           .option('metrics', {
             type: 'string',
-            describe: 'Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; e.g. 127.0.0.1:9810)',
+            describe: 'Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; e.g. 127.0.0.1:9810); env CLONEBD_METRICS',
+            default: env.CLONEBD_METRICS,
           })
-          .option('log-level', { choices: LOG_LEVELS, default: 'info' as const, describe: 'Log level' })
+          .option('log-level', {
+            choices: LOG_LEVELS,
+            default: (env.CLONEBD_LOG_LEVEL ?? 'info') as (typeof LOG_LEVELS)[number],
+            describe: 'Log level; env CLONEBD_LOG_LEVEL',
+          })
           .example('$0 serve', 'serve the default pool on 127.0.0.1:10809')
           .example('$0 serve --pool /srv/clonebd --listen 0.0.0.0:10809', 'serve another pool on every address'),
       async (args) => {
@@ -56,6 +63,8 @@ async function main(argv: string[]): Promise<void> {
       },
     )
     .command(clientCommands)
+    .config('config', 'A JSON file of option values, e.g. {"pool": "/srv/clonebd", "listen": "0.0.0.0:10809"}')
+    .default('config', env.CLONEBD_CONFIG, '$CLONEBD_CONFIG')
     .command(adminCommands)
     .demandCommand(1, 'Name a command; see --help')
     .strict()

@@ -85,7 +85,10 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
     process.on('SIGTERM', stop);
     process.on('SIGINT', stop);
   });
-  logger.info(
+  // The listening line is the daemon's handshake with whoever started it: printed whatever the
+  // level, unless logging is off altogether.
+  const announcer = logger.level === 'silent' ? logger : logger.child({}, { level: 'info' });
+  announcer.info(
     { pool: options.pool, address: address.address, port: address.port, socket: options.socket, admin: adminSocketPath(options.pool), metrics: metricsEndpoint?.address },
     'listening',
   );
