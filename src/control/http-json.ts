@@ -10,6 +10,7 @@ export const MAX_BODY_BYTES = 64 * 1024;
 
 const STATUS_BY_CODE: Readonly<Partial<Record<ErrorCode, number>>> = {
   EINVAL: 400,
+  ERANGE: 400,
   EPERM: 403,
   ENOENT: 404,
   EEXIST: 409,

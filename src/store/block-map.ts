@@ -7,7 +7,7 @@
  *                       Inner  keys: [0 | 900 | 5000]            keys[i] = first start in child i
  *                      /           |             \
  *   Leaf [0+16 -> L7, 40+8 -> Z] [900+1 -> L9] [5000+300 -> L7, 9000+1 -> L12]
- *         start+length -> value, packed three float64 per extent in one Float64Array
+ *         start+length -> value, packed three numbers per extent in one array
  *
  * Values: UNALLOCATED (0) is never stored (it is every gap between extents); ZERO (1) masks what
  * a parent holds; anything from FIRST_LAYER_ID up names a layer.
@@ -31,12 +31,12 @@ const CAPACITY = 64;
 interface Leaf {
   readonly leaf: true;
   /** [start, length, value] per extent. */
-  readonly ext: Float64Array;
+  readonly ext: number[];
 }
 
 interface Inner {
   readonly leaf: false;
-  readonly keys: Float64Array;
+  readonly keys: number[];
   readonly children: readonly MapNode[];
 }
 
@@ -49,18 +49,18 @@ function firstStart(node: MapNode): number {
   return node.leaf ? node.ext[0]! : node.keys[0]!;
 }
 
-function makeLeaf(ext: Float64Array): Leaf {
+function makeLeaf(ext: number[]): Leaf {
   return { leaf: true, ext };
 }
 
 function makeInner(children: MapNode[]): Inner {
-  const keys = new Float64Array(children.length);
+  const keys = newArray(children.length);
   for (let i = 0; i < children.length; i++) keys[i] = firstStart(children[i]!);
   return { leaf: false, keys, children };
 }
 
 /** Leaves from a packed extent array, split in two when over capacity. */
-function leavesOf(ext: Float64Array): MapNode[] {
+function leavesOf(ext: number[]): MapNode[] {
   const count = ext.length / 3;
   if (count === 0) return [];
   if (count <= CAPACITY) return [makeLeaf(ext)];
@@ -75,8 +75,22 @@ function innersOf(children: MapNode[]): MapNode[] {
   return [makeInner(children.slice(0, half)), makeInner(children.slice(half))];
 }
 
+/**
+ * Nodes hold plain number arrays, not typed arrays: V8 allocates a typed array of this size
+ * outside the heap, which made every path copy several times slower; a packed array of numbers
+ * costs the same 8 bytes per entry.
+ */
+function newArray(length: number): number[] {
+  return new Array<number>(length).fill(0);
+}
+
+/** Copies ext[from, to) to out[at...]. */
+function copy(ext: number[], from: number, to: number, out: number[], at: number): void {
+  for (let i = from; i < to; i++) out[at++] = ext[i]!;
+}
+
 /** Index of the first extent of a leaf that ends after `block`. */
-function firstEndingAfter(ext: Float64Array, block: number): number {
+function firstEndingAfter(ext: number[], block: number): number {
   let lo = 0;
   let hi = ext.length / 3;
   while (lo < hi) {
@@ -88,7 +102,7 @@ function firstEndingAfter(ext: Float64Array, block: number): number {
 }
 
 /** Index of the child that may hold `block`: the last whose key is <= block, or 0. */
-function childFor(keys: Float64Array, block: number): number {
+function childFor(keys: number[], block: number): number {
   let lo = 0;
   let hi = keys.length;
   while (lo < hi) {
@@ -131,8 +145,8 @@ function clear(node: MapNode, lo: number, hi: number): MapNode[] {
     const leftCut = ext[first * 3]! < lo;
     const lastEnd = ext[(last - 1) * 3]! + ext[(last - 1) * 3 + 1]!;
     const rightCut = lastEnd > hi;
-    const out = new Float64Array((first + (leftCut ? 1 : 0) + (rightCut ? 1 : 0) + count - last) * 3);
-    out.set(ext.subarray(0, first * 3), 0);
+    const out = newArray((first + (leftCut ? 1 : 0) + (rightCut ? 1 : 0) + count - last) * 3);
+    copy(ext, 0, first * 3, out, 0);
     let at = first * 3;
     if (leftCut) {
       out[at] = ext[first * 3]!;
@@ -146,7 +160,7 @@ function clear(node: MapNode, lo: number, hi: number): MapNode[] {
       out[at + 2] = ext[(last - 1) * 3 + 2]!;
       at += 3;
     }
-    out.set(ext.subarray(last * 3), at);
+    copy(ext, last * 3, ext.length, out, at);
     return leavesOf(out);
   }
   const { keys, children } = node;
@@ -175,12 +189,12 @@ function insert(node: MapNode, start: number, length: number, value: number): Ma
   if (node.leaf) {
     const ext = node.ext;
     const at = firstEndingAfter(ext, start) * 3;
-    const out = new Float64Array(ext.length + 3);
-    out.set(ext.subarray(0, at), 0);
+    const out = newArray(ext.length + 3);
+    copy(ext, 0, at, out, 0);
     out[at] = start;
     out[at + 1] = length;
     out[at + 2] = value;
-    out.set(ext.subarray(at), at + 3);
+    copy(ext, at, ext.length, out, at + 3);
     return leavesOf(out);
   }
   const index = childFor(node.keys, start);
@@ -268,7 +282,7 @@ export class BlockMap {
     }
     let root = this.root === null ? null : rootOf(clear(this.root, lo, hi));
     if (value !== UNALLOCATED) {
-      root = root === null ? makeLeaf(Float64Array.of(lo, hi - lo, value)) : rootOf(insert(root, lo, hi - lo, value));
+      root = root === null ? makeLeaf([lo, hi - lo, value]) : rootOf(insert(root, lo, hi - lo, value));
     }
     return root === this.root ? this : new BlockMap(root);
   }
@@ -335,7 +349,7 @@ export function decodeMaps(bytes: Buffer, roots: readonly number[]): BlockMap[] 
     at += 5;
     if (count === 0 || count > CAPACITY) throw new Error(`bad map node size ${count}`);
     if (kind === 0) {
-      const ext = new Float64Array(count * 3);
+      const ext = newArray(count * 3);
       for (let i = 0; i < ext.length; i++, at += 8) ext[i] = bytes.readDoubleLE(at);
       nodes.push(makeLeaf(ext));
     } else if (kind === 1) {

@@ -1,8 +1,9 @@
 /**
  * The pool's exclusive lock: a file created with O_EXCL holding the owner's pid. A lock whose
- * pid no longer runs is stale (its owner crashed) and is taken over. Two processes taking over
- * the same stale lock at once could both succeed; each re-reads the file after writing it, which
- * narrows that window to the rename-free unlink/create pair.
+ * pid no longer runs is stale (its owner crashed) and is taken over: unlink, then O_EXCL again,
+ * so of two processes taking over at once only one creates the file. Known limit: a lock file
+ * caught between its creation and the write of the pid reads as empty and is taken for stale;
+ * each taker re-reads the file after writing it, which narrows that window.
  */
 import { OperationError } from '../util/errors.js';
 import type { FileLayer } from './file-layer.js';

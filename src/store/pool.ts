@@ -391,7 +391,7 @@ export class Pool implements ExportCatalog {
       const size = options.size ?? volume.size;
       checkSize(size);
       if (size < volume.size) {
-        throw new OperationError('EINVAL', `a clone cannot be smaller than its source (${size} < ${volume.size})`);
+        throw new OperationError('ERANGE', `a clone cannot be smaller than its source (${size} < ${volume.size})`);
       }
       const sourceHead = volume.kind === 'volume' && this.#mustFreeze(volume.layer) ? this.#nextLayerId : null;
       const head = sourceHead === null ? this.#nextLayerId : sourceHead + 1;
@@ -409,7 +409,7 @@ export class Pool implements ExportCatalog {
       this.#checkOpen(volume);
       if (volume.kind === 'snapshot') throw new OperationError('EINVAL', `${name} is a snapshot; snapshots do not grow`);
       if (size < volume.size) {
-        throw new OperationError('EINVAL', `shrinking is not supported (${name} is ${volume.size} bytes, asked ${size})`);
+        throw new OperationError('ERANGE', `shrinking is not supported (${name} is ${volume.size} bytes, asked ${size})`);
       }
       if (size === volume.size) return;
       const handle = this.#onDisk.has(volume.layer.id) ? await this.#file(volume.layer, false) : undefined;
