@@ -1,0 +1,58 @@
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import { median, ratio, summarise } from '../../scripts/bench-stats.js';
+
+describe('median', () => {
+  it('takes the middle of an odd count and the mean of the middle two of an even count', () => {
+    expect(median([3, 1, 2])).toBe(2);
+    expect(median([4, 1, 3, 2])).toBe(2.5);
+    expect(median([7])).toBe(7);
+  });
+
+  it('does not reorder its input', () => {
+    const values = [3, 1, 2];
+    median(values);
+    expect(values).toEqual([3, 1, 2]);
+  });
+
+  it('refuses no values', () => {
+    expect(() => median([])).toThrow(RangeError);
+  });
+
+  it('has as many values at or below it as at or above it', () => {
+    fc.assert(
+      fc.property(fc.array(fc.double({ noNaN: true, min: -1e9, max: 1e9 }), { minLength: 1, maxLength: 50 }), (values) => {
+        const m = median(values);
+        const below = values.filter((value) => value <= m).length;
+        const above = values.filter((value) => value >= m).length;
+        expect(below).toBeGreaterThanOrEqual(values.length / 2);
+        expect(above).toBeGreaterThanOrEqual(values.length / 2);
+      }),
+    );
+  });
+});
+
+describe('summarise', () => {
+  it('reports median, min, max and count', () => {
+    expect(summarise([10, 30, 20, 50])).toEqual({ median: 25, min: 10, max: 50, count: 4 });
+  });
+
+  it('keeps the median between min and max', () => {
+    fc.assert(
+      fc.property(fc.array(fc.integer({ min: 0, max: 1e6 }), { minLength: 1, maxLength: 30 }), (values) => {
+        const summary = summarise(values);
+        expect(summary.min).toBeLessThanOrEqual(summary.median);
+        expect(summary.median).toBeLessThanOrEqual(summary.max);
+      }),
+    );
+  });
+});
+
+describe('ratio', () => {
+  it('divides, and has no value for a zero or non-finite denominator', () => {
+    expect(ratio(15, 10)).toBe(1.5);
+    expect(ratio(1, 0)).toBeUndefined();
+    expect(ratio(1, Number.NaN)).toBeUndefined();
+    expect(ratio(Number.POSITIVE_INFINITY, 1)).toBeUndefined();
+  });
+});
