@@ -2,11 +2,43 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { afterEach, beforeEach } from 'vitest';
+import { Pool, type PoolOptions } from '../../src/store/index.js';
 import type { BlockDevice } from '../../src/store/types.js';
 
 export async function tempDir(prefix = 'clonebd-store-'): Promise<{ path: string; remove: () => Promise<void> }> {
   const path = await mkdtemp(join(tmpdir(), prefix));
   return { path, remove: () => rm(path, { recursive: true, force: true }) };
+}
+
+export interface PoolFixture {
+  /** This test's pool directory. */
+  readonly dir: string;
+  /** Opens a pool in this test's directory; it is closed after the test. */
+  openPool(options?: PoolOptions): Promise<Pool>;
+}
+
+/** A fresh directory per test, and every pool opened in it closed and removed afterwards. */
+export function usePoolFixture(): PoolFixture {
+  let dir: { path: string; remove: () => Promise<void> } | undefined;
+  const pools: Pool[] = [];
+  beforeEach(async () => {
+    dir = await tempDir();
+  });
+  afterEach(async () => {
+    for (const pool of pools.splice(0)) await pool.close().catch(() => undefined);
+    await dir?.remove();
+  });
+  return {
+    get dir() {
+      return dir!.path;
+    },
+    async openPool(options = {}) {
+      const pool = await Pool.open(dir!.path, options);
+      pools.push(pool);
+      return pool;
+    },
+  };
 }
 
 /** Reads [offset, offset + length) and joins the pieces, checking they tile the range. */

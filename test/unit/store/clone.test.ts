@@ -1,27 +1,12 @@
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Pool } from '../../../src/store/index.js';
-import { pattern, readBytes, sameBytes, tempDir } from '../../helpers/store-pool.js';
+import { Pool, type PoolOptions } from '../../../src/store/index.js';
+import { pattern, readBytes, sameBytes, usePoolFixture } from '../../helpers/store-pool.js';
 
 const MiB = 1024 * 1024;
-let dir: { path: string; remove: () => Promise<void> };
-const pools: Pool[] = [];
-
-async function openPool(options = {}): Promise<Pool> {
-  const pool = await Pool.open(dir.path, options);
-  pools.push(pool);
-  return pool;
-}
-
-beforeEach(async () => {
-  dir = await tempDir();
-});
-
-afterEach(async () => {
-  for (const pool of pools.splice(0)) await pool.close().catch(() => undefined);
-  await dir.remove();
-});
+const fixture = usePoolFixture();
+const openPool = (options: PoolOptions = {}): Promise<Pool> => fixture.openPool(options);
 
 describe('snapshots and clones', () => {
   it('keeps a snapshot frozen while the volume changes', async () => {
@@ -139,7 +124,7 @@ describe('snapshots and clones', () => {
     await pool.delete('b');
     expect((await pool.usage()).usedBytes).toBe(0);
     const { readdir } = await import('node:fs/promises');
-    expect(await readdir(join(dir.path, 'layers'))).toEqual([]);
+    expect(await readdir(join(fixture.dir, 'layers'))).toEqual([]);
   });
 
   it('clones larger than the source and grows online, refusing to shrink', async () => {
@@ -216,8 +201,8 @@ describe('snapshots and clones', () => {
     await a.flush();
     const layerFile = async (): Promise<string> => {
       const { readdir } = await import('node:fs/promises');
-      const [file] = await readdir(join(dir.path, 'layers'));
-      return join(dir.path, 'layers', file!);
+      const [file] = await readdir(join(fixture.dir, 'layers'));
+      return join(fixture.dir, 'layers', file!);
     };
     const before = (await stat(await layerFile())).blocks * 512;
     expect(before).toBeGreaterThanOrEqual(4 * MiB);

@@ -1,27 +1,12 @@
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
-import { Pool } from '../../../src/store/index.js';
-import { pattern, readBytes, sameBytes, tempDir } from '../../helpers/store-pool.js';
+import { Pool, type PoolOptions } from '../../../src/store/index.js';
+import { pattern, readBytes, sameBytes, usePoolFixture } from '../../helpers/store-pool.js';
 
 const MiB = 1024 * 1024;
-let dir: { path: string; remove: () => Promise<void> };
-const pools: Pool[] = [];
-
-async function openPool(options = {}): Promise<Pool> {
-  const pool = await Pool.open(dir.path, options);
-  pools.push(pool);
-  return pool;
-}
-
-beforeEach(async () => {
-  dir = await tempDir();
-});
-
-afterEach(async () => {
-  for (const pool of pools.splice(0)) await pool.close().catch(() => undefined);
-  await dir.remove();
-});
+const fixture = usePoolFixture();
+const openPool = (options: PoolOptions = {}): Promise<Pool> => fixture.openPool(options);
 
 describe('plain volumes', () => {
   it('reads back unaligned writes and reads zeros elsewhere', async () => {
@@ -117,19 +102,19 @@ describe('plain volumes', () => {
 describe('lock', () => {
   it('refuses a second open in this process, naming the holder', async () => {
     await openPool();
-    await expect(Pool.open(dir.path)).rejects.toMatchObject({ code: 'EBUSY', message: expect.stringContaining(String(process.pid)) });
+    await expect(Pool.open(fixture.dir)).rejects.toMatchObject({ code: 'EBUSY', message: expect.stringContaining(String(process.pid)) });
   });
 
   it('refuses while another live process holds the lock, and takes it over once that process is gone', async () => {
     // The other process follows the lock protocol: O_EXCL-create the lock file holding its pid.
-    const lockPath = join(dir.path, 'lock');
+    const lockPath = join(fixture.dir, 'lock');
     const holder = spawn(process.execPath, [
       '-e',
       `require('fs').writeFileSync(${JSON.stringify(lockPath)}, process.pid + '\\n', { flag: 'wx' }); console.log('locked'); setInterval(() => {}, 1000);`,
     ]);
     try {
       await new Promise<void>((resolve) => holder.stdout.once('data', () => resolve()));
-      await expect(Pool.open(dir.path)).rejects.toMatchObject({ code: 'EBUSY', message: expect.stringContaining(`process ${holder.pid}`) });
+      await expect(Pool.open(fixture.dir)).rejects.toMatchObject({ code: 'EBUSY', message: expect.stringContaining(`process ${holder.pid}`) });
     } finally {
       const exited = new Promise((resolve) => holder.once('exit', resolve));
       holder.kill('SIGKILL');
@@ -143,7 +128,7 @@ describe('lock', () => {
     let pool = await openPool();
     await pool.close();
     const { writeFile } = await import('node:fs/promises');
-    await writeFile(`${dir.path}/lock`, '999999999\n');
+    await writeFile(`${fixture.dir}/lock`, '999999999\n');
     pool = await openPool();
     expect(pool.volumes()).toEqual([]);
   });
