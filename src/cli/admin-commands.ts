@@ -5,7 +5,7 @@
 import type { Argv, CommandModule } from 'yargs';
 import { AdminClient } from '../control/admin-client.js';
 import type { VolumeView } from '../control/admin-server.js';
-import { isOperationError, type ErrorCode } from '../util/errors.js';
+import { OperationError, isOperationError, type ErrorCode } from '../util/errors.js';
 import { parseSize } from './parse.js';
 import { adminSocketPath, defaultPoolDir, nbdSocketPath } from './serve.js';
 import { exportVolume, importFile } from './transfer.js';
@@ -57,13 +57,12 @@ function print(args: PoolArgs, value: unknown, text: () => string): void {
 
 export function formatBytes(bytes: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
-  let value = bytes;
   let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit++;
-  }
-  return unit === 0 ? `${bytes} B` : `${value.toFixed(value < 10 ? 2 : 1)} ${units[unit]}`;
+  // Pick the unit from the rounded value, so 1 MiB - 1 B reads 1.00 MiB and not 1024.0 KiB.
+  const rounded = (value: number): number => Number(value.toFixed(value < 10 ? 2 : 1));
+  while (unit < units.length - 1 && rounded(bytes / 1024 ** unit) >= 1024) unit++;
+  const value = bytes / 1024 ** unit;
+  return unit === 0 ? `${bytes} B` : `${value.toFixed(rounded(value) < 10 ? 2 : 1)} ${units[unit]}`;
 }
 
 export function formatTable(headers: string[], rows: string[][]): string {
@@ -73,8 +72,8 @@ export function formatTable(headers: string[], rows: string[][]): string {
   return [line(headers), ...rows.map(line)].join('\n');
 }
 
-function volumeTable(volumes: VolumeView[]): string {
-  if (volumes.length === 0) return 'no volumes';
+function volumeTable(volumes: VolumeView[], none = 'no volumes'): string {
+  if (volumes.length === 0) return none;
   return formatTable(
     ['NAME', 'KIND', 'SIZE', 'USED', 'EXCLUSIVE', 'SHARED', 'PARENT', 'RO', 'CLIENTS'],
     volumes.map((v) => [
@@ -278,7 +277,7 @@ const snapshotCommands: CommandModule[] = [
       const snapshots = (await client(a).listVolumes()).filter(
         (v) => v.kind === 'snapshot' && (a.volume === undefined || v.parent === a.volume),
       );
-      print(a, snapshots, () => volumeTable(snapshots));
+      print(a, snapshots, () => volumeTable(snapshots, 'no snapshots'));
     },
   ),
   command(
@@ -292,7 +291,9 @@ const snapshotCommands: CommandModule[] = [
     async (args) => {
       const a = args as PoolArgs & { name: string; force: boolean };
       const snapshot = await client(a).showVolume(a.name);
-      if (snapshot.kind !== 'snapshot') throw new Error(`${a.name} is a volume; use 'clonebd volume delete'`);
+      if (snapshot.kind !== 'snapshot') {
+        throw new OperationError('EINVAL', `${a.name} is a volume; use 'clonebd volume delete'`);
+      }
       const result = await client(a).delete(a.name, a.force);
       print(a, result, () => `deleted snapshot ${a.name}`);
     },
@@ -303,13 +304,22 @@ export const adminCommands: CommandModule[] = [
   command(
     'volume',
     'Create, list, clone, grow, flatten and delete volumes',
-    (y) => y.command(volumeCommands).demandCommand(1, 'Name a volume command; see --help'),
+    (y) =>
+      y
+        .command(volumeCommands)
+        .demandCommand(1, 'Name a volume command; see --help')
+        .example('$0 volume create db --size 10GiB', 'an empty 10 GiB volume')
+        .example('$0 volume clone db db-test', 'an instant writable copy'),
     () => undefined,
   ),
   command(
     'snapshot',
     'Create, list and delete snapshots',
-    (y) => y.command(snapshotCommands).demandCommand(1, 'Name a snapshot command; see --help'),
+    (y) =>
+      y
+        .command(snapshotCommands)
+        .demandCommand(1, 'Name a snapshot command; see --help')
+        .example('$0 snapshot create db db-monday', 'a read-only point in time of db'),
     () => undefined,
   ),
   command(
@@ -341,7 +351,8 @@ export const adminCommands: CommandModule[] = [
             },
           ),
         )
-        .demandCommand(1, 'Name a pool command; see --help'),
+        .demandCommand(1, 'Name a pool command; see --help')
+        .example('$0 pool status', 'capacity, use and layers'),
     () => undefined,
   ),
 ];

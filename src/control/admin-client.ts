@@ -3,6 +3,7 @@
  * OperationError; a daemon that is not running is ENOTCONN.
  */
 import { request as httpRequest } from 'node:http';
+import { dirname } from 'node:path';
 import { OperationError } from '../util/errors.js';
 import { fromWireError, type WireError } from './http-json.js';
 import type { PoolUsage } from '../store/index.js';
@@ -107,7 +108,12 @@ export class AdminClient {
       );
       request.on('error', (error: NodeJS.ErrnoException) => {
         if (error.code === 'ECONNREFUSED' || error.code === 'ENOENT') {
-          reject(new OperationError('ENOTCONN', `no clonebd daemon is running on this pool (no answer on ${this.#socketPath}); start one with 'clonebd serve --pool DIR'`, { cause: error }));
+          const pool = dirname(this.#socketPath);
+          reject(
+            new OperationError('ENOTCONN', `no clonebd daemon is running on the pool ${pool}; start one with: clonebd serve --pool ${pool}`, {
+              cause: error,
+            }),
+          );
         } else {
           reject(new OperationError('EIO', `admin request failed: ${error.message}`, { cause: error }));
         }

@@ -487,32 +487,45 @@ export class Pool implements ExportCatalog {
   async usage(): Promise<PoolUsage> {
     this.#checkNotClosed();
     await this.#refreshFree();
-    const perVolume = new Map<Volume, Map<number, number>>();
-    const users = new Map<number, number>();
+    // A block is exclusive to a volume when no other volume's map points at the same place
+    // (layer, block); sweeping each layer's intervals from all maps finds how many do.
+    const byLayer = new Map<number, Array<[position: number, delta: 1 | -1, volume: Volume]>>();
     for (const volume of this.#volumes.values()) {
-      const held = new Map<number, number>();
       volume.layer.map.extents(0, Infinity, (start, end, value) => {
-        if (value >= FIRST_LAYER_ID) held.set(value, (held.get(value) ?? 0) + end - start);
+        if (value < FIRST_LAYER_ID) return;
+        let events = byLayer.get(value);
+        if (events === undefined) byLayer.set(value, (events = []));
+        events.push([start, 1, volume], [end, -1, volume]);
       });
-      perVolume.set(volume, held);
-      for (const layer of held.keys()) users.set(layer, (users.get(layer) ?? 0) + 1);
     }
-    const volumes: VolumeUsage[] = [];
-    for (const [volume, held] of perVolume) {
-      let exclusive = 0;
-      let shared = 0;
-      for (const [layer, blocks] of held) {
-        if (users.get(layer) === 1) exclusive += blocks;
-        else shared += blocks;
+    const exclusive = new Map<Volume, number>();
+    const shared = new Map<Volume, number>();
+    const add = (totals: Map<Volume, number>, volume: Volume, blocks: number): void => {
+      totals.set(volume, (totals.get(volume) ?? 0) + blocks);
+    };
+    for (const events of byLayer.values()) {
+      events.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+      const active = new Map<Volume, number>();
+      let previous = 0;
+      for (const [position, delta, volume] of events) {
+        if (position > previous && active.size > 0) {
+          const blocks = position - previous;
+          if (active.size === 1) add(exclusive, active.keys().next().value!, blocks);
+          else for (const holder of active.keys()) add(shared, holder, blocks);
+        }
+        previous = position;
+        const depth = (active.get(volume) ?? 0) + delta;
+        if (depth === 0) active.delete(volume);
+        else active.set(volume, depth);
       }
-      volumes.push({
-        name: volume.name,
-        kind: volume.kind,
-        size: volume.size,
-        exclusiveBytes: exclusive * BLOCK_SIZE,
-        sharedBytes: shared * BLOCK_SIZE,
-      });
     }
+    const volumes: VolumeUsage[] = [...this.#volumes.values()].map((volume) => ({
+      name: volume.name,
+      kind: volume.kind,
+      size: volume.size,
+      exclusiveBytes: (exclusive.get(volume) ?? 0) * BLOCK_SIZE,
+      sharedBytes: (shared.get(volume) ?? 0) * BLOCK_SIZE,
+    }));
     volumes.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
     const usedBytes = this.#usedBlocks * BLOCK_SIZE;
     const freeBytes = Math.max(0, this.#freeBytes());
