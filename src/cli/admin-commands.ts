@@ -22,6 +22,7 @@ export const EXIT_CODES: Readonly<Partial<Record<ErrorCode, number>>> = {
   EBUSY: 9,
 };
 
+/** Only our own errors carry meaning: a file system's EEXIST is not "the name is taken". */
 export function exitCodeFor(error: unknown): number {
   return (isOperationError(error) ? EXIT_CODES[error.code] : undefined) ?? 1;
 }

@@ -5,6 +5,7 @@ import { hideBin } from 'yargs/helpers';
 import pino from 'pino';
 import { clientCommands } from './client-commands.js';
 import { adminCommands, exitCodeFor } from './admin-commands.js';
+import { parseSize } from './parse.js';
 import { DEFAULT_LISTEN, defaultPoolDir, serve } from './serve.js';
 
 const env = process.env;
@@ -41,6 +42,12 @@ async function main(argv: string[]): Promise<void> {
             describe: 'Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; e.g. 127.0.0.1:9810); env CLONEBD_METRICS',
             default: env.CLONEBD_METRICS,
           })
+          .option('capacity', {
+            type: 'string',
+            describe: 'Most bytes the pool may hold (e.g. 500GiB); the file system\'s free space if not given; env CLONEBD_CAPACITY',
+            default: env.CLONEBD_CAPACITY,
+            coerce: (text: string | undefined) => (text === undefined ? undefined : parseSize(text)),
+          })
           .option('log-level', {
             choices: LOG_LEVELS,
             default: (env.CLONEBD_LOG_LEVEL ?? 'info') as (typeof LOG_LEVELS)[number],
@@ -57,6 +64,7 @@ async function main(argv: string[]): Promise<void> {
             socket: args.socket,
             defaultVolume: args['default-volume'],
             metrics: args.metrics,
+            capacity: args.capacity,
           },
           logger,
         );

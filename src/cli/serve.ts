@@ -42,6 +42,8 @@ export interface ServeOptions {
   defaultVolume: boolean;
   /** Serve Prometheus metrics here; off when absent. */
   metrics?: string;
+  /** Bytes the pool may hold; the file system's free space when absent. */
+  capacity?: number;
 }
 
 export async function serve(options: ServeOptions, logger: Logger): Promise<void> {
@@ -49,7 +51,10 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
   const metricsAddress: HostPort | undefined = options.metrics === undefined ? undefined : parseListen(options.metrics);
   const isNewPool = (await readdir(options.pool).catch(() => [])).length === 0;
   await mkdir(options.pool, { recursive: true });
-  const pool = await Pool.open(options.pool, { logger: logger.child({ component: 'store' }) });
+  const pool = await Pool.open(options.pool, {
+    logger: logger.child({ component: 'store' }),
+    ...(options.capacity === undefined ? {} : { capacityBytes: options.capacity }),
+  });
   if (options.defaultVolume && isNewPool) {
     await pool.createVolume(DEFAULT_VOLUME_NAME, DEFAULT_VOLUME_SIZE);
     logger.info({ volume: DEFAULT_VOLUME_NAME, size: DEFAULT_VOLUME_SIZE }, 'created the demo volume');

@@ -8,6 +8,7 @@
 import { open } from 'node:fs/promises';
 import { NbdClient } from '../../native-free/index.js';
 import { NBD_STATE_ZERO } from '../nbd/constants.js';
+import { errorCodeOf } from '../nbd/errno.js';
 import { OperationError } from '../util/errors.js';
 
 const PIECE = 4 * 1024 * 1024;
@@ -109,6 +110,11 @@ export async function importFile(socketPath: string, name: string, file: string,
     await pipeline.finish();
     await client.flush();
     progress?.(size, size);
+  } catch (error) {
+    if (errorCodeOf(error) === 'ENOSPC') {
+      throw new OperationError('ENOSPC', `the pool is full: ${name} took part of ${file} before running out of space`, { cause: error });
+    }
+    throw error;
   } finally {
     await input.close();
     await client.disconnect();

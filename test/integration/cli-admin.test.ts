@@ -591,3 +591,28 @@ describe('a clone taken while fio writes', () => {
     expect((await show('live')).exclusiveBytes).toBeGreaterThan(0);
   });
 });
+
+describe('a full pool', () => {
+  it('pool full: exit 7, and the volume keeps working', async (ctx) => {
+    const [qemuIoPath] = requireTools(ctx, 'qemu-io');
+    const small = await startServerProcess({ args: ['--no-default-volume', '--capacity', '1MiB'] });
+    const create = await cli(['volume', 'create', 'tiny', '--size', '8M'], small.pool);
+    expect(create.code, describeResult(create)).toBe(0);
+    const fill = await run(qemuIoPath, ['-f', 'raw', '-c', 'write -P 1 0 2M', small.uri('tiny')]);
+    expect(fill.stdout + fill.stderr).toMatch(/No space left on device/i);
+    const kept = await run(qemuIoPath, ['-f', 'raw', '-c', 'write -P 2 0 512k', '-c', 'read -P 2 0 512k', small.uri('tiny')]);
+    expect(kept.code, describeResult(kept)).toBe(0);
+    expect(kept.stdout).not.toMatch(/failed/i);
+    const status = JSON.parse((await cli(['pool', 'status', '--json'], small.pool)).stdout) as PoolJson;
+    expect(status.capacityBytes).toBe(MiB);
+    expectFailure(await cli(['volume', 'import', 'tiny', await bigFile()], small.pool), 7, /space|full/i);
+  });
+});
+
+/** A 2 MiB file of non-zero bytes, which cannot fit a 1 MiB pool. */
+async function bigFile(): Promise<string> {
+  const { writeFile } = await import('node:fs/promises');
+  const path = join(await makeTempDir('clonebd-big-'), 'big.raw');
+  await writeFile(path, Buffer.alloc(2 * MiB, 0x5a));
+  return path;
+}
