@@ -30,6 +30,9 @@ export function poolGauges(registry: Registry, pool: Pool): () => Promise<void> 
         ],
   );
   registry.gauge('clonebd_pool_layers', 'Layer files in the pool', () => (usage === undefined ? [] : [[{}, usage.layers]]));
+  registry.gauge('clonebd_journal_bytes', 'Metadata journal since the last checkpoint (what a restart replays)', () =>
+    usage === undefined ? [] : [[{}, usage.journalBytes]],
+  );
   return async () => {
     usage = await pool.usage();
   };

@@ -106,6 +106,8 @@ export interface PoolUsage {
   usedBytes: number;
   freeBytes: number;
   layers: number;
+  /** Bytes of metadata journal since the last checkpoint: what a restart replays. */
+  journalBytes: number;
   volumes: VolumeUsage[];
 }
 
@@ -534,6 +536,7 @@ export class Pool implements ExportCatalog {
       usedBytes,
       freeBytes,
       layers: this.#layers.size,
+      journalBytes: this.#journal?.size ?? 0,
       volumes,
     };
   }

@@ -75,5 +75,6 @@ describe('Prometheus metrics endpoint', () => {
     expect(value(after, 'clonebd_nbd_bytes_total', { op: 'read', export: 'vol' })).toBe(256 << 10);
     expect(value(after, 'clonebd_nbd_request_duration_seconds_count', { op: 'read', export: 'vol' })).toBeGreaterThanOrEqual(1);
     expect(value(after, 'clonebd_pool_bytes', { state: 'used' })).toBeGreaterThanOrEqual(1 << 20);
+    expect(value(after, 'clonebd_journal_bytes', {})).toBeGreaterThan(0);
   });
 });
