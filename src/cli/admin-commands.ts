@@ -6,7 +6,8 @@ import type { Argv, CommandModule } from 'yargs';
 import { AdminClient } from '../control/admin-client.js';
 import type { VolumeView } from '../control/admin-server.js';
 import { OperationError, isOperationError, type ErrorCode } from '../util/errors.js';
-import { parseSize } from './parse.js';
+import { readFileSync } from 'node:fs';
+import { parseListen, parseSize } from './parse.js';
 import { adminSocketPath, defaultPoolDir, nbdSocketPath } from './serve.js';
 import { exportVolume, importFile } from './transfer.js';
 import { stat } from 'node:fs/promises';
@@ -30,12 +31,23 @@ export function exitCodeFor(error: unknown): number {
 interface PoolArgs {
   pool: string;
   json: boolean;
+  admin: string | undefined;
+  'admin-token-file': string | undefined;
 }
 
 function withPool<T>(yargs: Argv<T>): Argv<T & PoolArgs> {
   return yargs
     .option('pool', { type: 'string', default: defaultPoolDir(), describe: 'Pool directory of the daemon; env CLONEBD_POOL' })
-    .option('json', { type: 'boolean', default: false, describe: 'Print JSON for scripts' }) as Argv<T & PoolArgs>;
+    .option('json', { type: 'boolean', default: false, describe: 'Print JSON for scripts' })
+    .option('admin', {
+      type: 'string',
+      default: process.env.CLONEBD_ADMIN,
+      describe: 'Reach the daemon over TCP at HOST:PORT instead of the pool\'s socket; env CLONEBD_ADMIN',
+    })
+    .option('admin-token-file', {
+      type: 'string',
+      describe: 'File holding the admin token for --admin (or env CLONEBD_ADMIN_TOKEN)',
+    }) as Argv<T & PoolArgs>;
 }
 
 /** A command module whose handler sees the arguments its builder declared. */
@@ -49,7 +61,17 @@ function command<A>(
 }
 
 function client(args: PoolArgs): AdminClient {
-  return new AdminClient(adminSocketPath(args.pool));
+  if (args.admin === undefined) return new AdminClient(adminSocketPath(args.pool));
+  return new AdminClient({ ...parseListen(args.admin), token: readAdminToken(args['admin-token-file']) });
+}
+
+/** The token from a file (trimmed) or CLONEBD_ADMIN_TOKEN; never from the command line, where ps shows it. */
+export function readAdminToken(file: string | undefined): string {
+  const token = file === undefined ? process.env.CLONEBD_ADMIN_TOKEN : readFileSync(file, 'utf8').trim();
+  if (token === undefined || token === '') {
+    throw new OperationError('EINVAL', 'an admin token is needed: put it in a file given with --admin-token-file, or in CLONEBD_ADMIN_TOKEN');
+  }
+  return token;
 }
 
 function print(args: PoolArgs, value: unknown, text: () => string): void {

@@ -4,7 +4,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import pino from 'pino';
 import { clientCommands } from './client-commands.js';
-import { adminCommands, exitCodeFor } from './admin-commands.js';
+import { adminCommands, exitCodeFor, readAdminToken } from './admin-commands.js';
 import { parseSize } from './parse.js';
 import { DEFAULT_LISTEN, defaultPoolDir, serve } from './serve.js';
 
@@ -48,6 +48,15 @@ async function main(argv: string[]): Promise<void> {
             default: env.CLONEBD_CAPACITY,
             coerce: (text: string | undefined) => (text === undefined ? undefined : parseSize(text)),
           })
+          .option('admin-listen', {
+            type: 'string',
+            default: env.CLONEBD_ADMIN_LISTEN,
+            describe: 'Also serve the admin API over TCP at HOST:PORT, token required; env CLONEBD_ADMIN_LISTEN',
+          })
+          .option('admin-token-file', {
+            type: 'string',
+            describe: 'File holding the admin token (16+ characters) for --admin-listen, or env CLONEBD_ADMIN_TOKEN',
+          })
           .option('log-level', {
             choices: LOG_LEVELS,
             default: (env.CLONEBD_LOG_LEVEL ?? 'info') as (typeof LOG_LEVELS)[number],
@@ -65,6 +74,8 @@ async function main(argv: string[]): Promise<void> {
             defaultVolume: args['default-volume'],
             metrics: args.metrics,
             capacity: args.capacity,
+            adminListen: args['admin-listen'],
+            adminToken: args['admin-listen'] === undefined ? undefined : readAdminToken(args['admin-token-file']),
           },
           logger,
         );

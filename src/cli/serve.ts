@@ -10,6 +10,7 @@ import type { AddressInfo } from 'node:net';
 import { AdminServer } from '../control/admin-server.js';
 import { NbdServer } from '../server/index.js';
 import { Pool } from '../store/index.js';
+import { OperationError } from '../util/errors.js';
 import { Registry } from '../util/metrics.js';
 import { poolGauges, startMetricsEndpoint } from './metrics-endpoint.js';
 import { parseListen, type HostPort } from './parse.js';
@@ -44,10 +45,17 @@ export interface ServeOptions {
   metrics?: string;
   /** Bytes the pool may hold; the file system's free space when absent. */
   capacity?: number;
+  /** Also serve the admin API over TCP here, to requests carrying `adminToken`. */
+  adminListen?: string;
+  adminToken?: string;
 }
 
 export async function serve(options: ServeOptions, logger: Logger): Promise<void> {
   const tcp = parseListen(options.listen);
+  const adminAddress = options.adminListen === undefined ? undefined : parseListen(options.adminListen);
+  if (adminAddress !== undefined && options.adminToken === undefined) {
+    throw new OperationError('EINVAL', 'the admin API listens on TCP only with a token (--admin-token-file or CLONEBD_ADMIN_TOKEN)');
+  }
   const metricsAddress: HostPort | undefined = options.metrics === undefined ? undefined : parseListen(options.metrics);
   const isNewPool = (await readdir(options.pool).catch(() => [])).length === 0;
   await mkdir(options.pool, { recursive: true });
@@ -63,12 +71,16 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
   const server = new NbdServer({ catalog: pool, logger: logger.child({ component: 'nbd' }), metrics: registry });
   const admin = new AdminServer({ store: pool, attachments: server, logger: logger.child({ component: 'admin' }) });
   let address: AddressInfo;
+  let adminTcpAddress: AddressInfo | undefined;
   let metricsEndpoint: Awaited<ReturnType<typeof startMetricsEndpoint>> | undefined;
   try {
     address = (await server.listen(tcp)) as AddressInfo;
     if (options.socket !== undefined) await server.listen({ path: options.socket });
     await server.listen({ path: nbdSocketPath(options.pool) });
     await admin.listen(adminSocketPath(options.pool));
+    const adminTcp =
+      adminAddress === undefined ? undefined : await admin.listenTcp(adminAddress.host, adminAddress.port, options.adminToken!);
+    if (adminTcp !== undefined) adminTcpAddress = adminTcp;
     if (registry !== undefined && metricsAddress !== undefined) {
       metricsEndpoint = await startMetricsEndpoint(metricsAddress, registry, poolGauges(registry, pool));
     }
@@ -94,7 +106,7 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
   // level, unless logging is off altogether.
   const announcer = logger.level === 'silent' ? logger : logger.child({}, { level: 'info' });
   announcer.info(
-    { pool: options.pool, address: address.address, port: address.port, socket: options.socket, admin: adminSocketPath(options.pool), metrics: metricsEndpoint?.address },
+    { pool: options.pool, address: address.address, port: address.port, socket: options.socket, admin: adminSocketPath(options.pool), adminTcp: adminTcpAddress, metrics: metricsEndpoint?.address },
     'listening',
   );
   await stopped;

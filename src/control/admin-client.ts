@@ -14,11 +14,14 @@ export interface FlattenProgress {
   total: number;
 }
 
-export class AdminClient {
-  readonly #socketPath: string;
+/** The daemon's Unix socket, or its TCP admin address with the token it requires. */
+export type AdminEndpoint = string | { host: string; port: number; token: string };
 
-  constructor(socketPath: string) {
-    this.#socketPath = socketPath;
+export class AdminClient {
+  readonly #endpoint: AdminEndpoint;
+
+  constructor(endpoint: AdminEndpoint) {
+    this.#endpoint = endpoint;
   }
 
   poolStatus(): Promise<PoolUsage> {
@@ -82,10 +85,15 @@ export class AdminClient {
     return new Promise((resolve, reject) => {
       const request = httpRequest(
         {
-          socketPath: this.#socketPath,
+          ...(typeof this.#endpoint === 'string'
+            ? { socketPath: this.#endpoint }
+            : { host: this.#endpoint.host, port: this.#endpoint.port }),
           method,
           path,
-          headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) },
+          headers: {
+            ...(payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) }),
+            ...(typeof this.#endpoint === 'string' ? {} : { authorization: `Bearer ${this.#endpoint.token}` }),
+          },
         },
         (response) => {
           let pending = '';
@@ -108,12 +116,11 @@ export class AdminClient {
       );
       request.on('error', (error: NodeJS.ErrnoException) => {
         if (error.code === 'ECONNREFUSED' || error.code === 'ENOENT') {
-          const pool = dirname(this.#socketPath);
-          reject(
-            new OperationError('ENOTCONN', `no clonebd daemon is running on the pool ${pool}; start one with: clonebd serve --pool ${pool}`, {
-              cause: error,
-            }),
-          );
+          const where =
+            typeof this.#endpoint === 'string'
+              ? `the pool ${dirname(this.#endpoint)}; start one with: clonebd serve --pool ${dirname(this.#endpoint)}`
+              : `${this.#endpoint.host}:${this.#endpoint.port}`;
+          reject(new OperationError('ENOTCONN', `no clonebd daemon is running on ${where}`, { cause: error }));
         } else {
           reject(new OperationError('EIO', `admin request failed: ${error.message}`, { cause: error }));
         }

@@ -12,11 +12,16 @@
  *   POST   /v1/volumes/NAME/flatten                                   NDJSON progress lines, then the result
  *   DELETE /v1/volumes/NAME?force=1                                   delete
  *
+ * With `listenTcp` the same API is also served over TCP, where every request must carry
+ * `Authorization: Bearer TOKEN`; anything else gets 401 and reaches no handler.
+ *
  * Attached clients are the server's business, so they are reached through `Attachments`,
  * passed in: deleting an attached volume is refused (EBUSY) unless forced, and forcing
  * disconnects its clients first.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createHash, timingSafeEqual } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
 import { chmod, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { Pool, VolumeInfo, VolumeUsage } from '../store/index.js';
@@ -53,6 +58,7 @@ type Route = (request: IncomingMessage, response: ServerResponse, name: string |
 export class AdminServer {
   readonly #options: AdminServerOptions;
   readonly #server: Server;
+  #tcpServer: Server | undefined;
   #path: string | undefined;
 
   constructor(options: AdminServerOptions) {
@@ -73,9 +79,35 @@ export class AdminServer {
     this.#path = path;
   }
 
+  /** Serves the API over TCP too, to requests that carry the token. */
+  async listenTcp(host: string, port: number, token: string): Promise<AddressInfo> {
+    if (token.length < 16) throw new OperationError('EINVAL', 'the admin token must be at least 16 characters');
+    const expected = digest(`Bearer ${token}`);
+    const server = createServer((request, response) => {
+      if (!timingSafeEqual(digest(request.headers.authorization ?? ''), expected)) {
+        this.#options.logger.warn({ remote: request.socket.remoteAddress }, 'admin request without a valid token');
+        sendJson(response, 401, { error: { code: 'EPERM', message: 'a valid admin token is required' } });
+        return;
+      }
+      void this.#handle(request, response);
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, host, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    this.#tcpServer = server;
+    return server.address() as AddressInfo;
+  }
+
   async close(): Promise<void> {
-    this.#server.closeAllConnections();
-    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+    for (const server of [this.#server, this.#tcpServer]) {
+      if (server === undefined) continue;
+      server.closeAllConnections();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
     if (this.#path !== undefined) await unlink(this.#path).catch(() => undefined);
   }
 
@@ -201,4 +233,9 @@ function requireSize(body: unknown, key: string): number {
   const size = optionalSize(body, key);
   if (size === undefined) throw new OperationError('EINVAL', `"${key}" is required`);
   return size;
+}
+
+/** Compared as fixed-length digests, so the comparison takes the same time whatever was sent. */
+function digest(text: string): Buffer {
+  return createHash('sha256').update(text).digest();
 }

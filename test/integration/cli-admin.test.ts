@@ -616,3 +616,35 @@ async function bigFile(): Promise<string> {
   await writeFile(path, Buffer.alloc(2 * MiB, 0x5a));
   return path;
 }
+
+describe('the admin API over TCP', () => {
+  it('answers only requests that carry the token, and is off unless asked for', async () => {
+    const dir = await makeTempDir('clonebd-token-');
+    const tokenFile = join(dir, 'token');
+    const { writeFile } = await import('node:fs/promises');
+    await writeFile(tokenFile, 'correct-horse-battery-staple\n');
+    const remote = await startServerProcess({ args: ['--admin-listen', '127.0.0.1:0', '--admin-token-file', tokenFile] });
+    const listening = await remote.waitForLog((line) => line.msg === 'listening');
+    const { port } = listening.adminTcp as { port: number };
+
+    const good = await cli(['volume', 'create', 'remote', '--size', '1M', '--admin', `127.0.0.1:${port}`, '--admin-token-file', tokenFile], null);
+    expect(good.code, describeResult(good)).toBe(0);
+    const badFile = join(dir, 'bad');
+    await writeFile(badFile, 'not-the-right-token-at-all\n');
+    expectFailure(await cli(['volume', 'list', '--admin', `127.0.0.1:${port}`, '--admin-token-file', badFile], null), 1, /token/);
+    const bare = await fetch(`http://127.0.0.1:${port}/v1/volumes`);
+    expect(bare.status).toBe(401);
+    const created = JSON.parse((await cli(['volume', 'show', 'remote', '--json'], remote.pool)).stdout) as VolumeJson;
+    expect(created.size).toBe(MiB);
+
+    expect((await server.waitForLog((line) => line.msg === 'listening')).adminTcp).toBeUndefined();
+    expectFailure(
+      await run(process.execPath, [CLI_PATH, 'serve', '--pool', join(dir, 'p'), '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0'], {
+        env: cleanEnv(),
+        timeoutMs: 15_000,
+      }),
+      8,
+      /token/,
+    );
+  });
+});
