@@ -5,6 +5,7 @@
 import type { Argv, CommandModule } from 'yargs';
 import { AdminClient } from '../control/admin-client.js';
 import type { VolumeView } from '../control/admin-server.js';
+import type { Labels } from '../store/index.js';
 import { OperationError, isOperationError, type ErrorCode } from '../util/errors.js';
 import { readFileSync } from 'node:fs';
 import { parseListen, parseSize } from './parse.js';
@@ -127,6 +128,7 @@ function volumeDetails(v: VolumeView): string {
       ['snapshots', v.snapshots.length === 0 ? '-' : v.snapshots.join(', ')],
       ['clients', String(v.clients)],
       ['created', v.createdAt],
+      ['labels', Object.entries(v.labels).map(([key, value]) => `${key}=${value}`).join(', ') || '-'],
     ],
   );
 }
@@ -138,6 +140,25 @@ function sizeOption<T>(yargs: Argv<T>, demand: boolean): Argv<T & { size: number
     describe: 'Size: bytes, or with a unit (10G = 10GiB, 10GB = 10^10)',
     coerce: (text: string) => parseSize(text),
   }) as unknown as Argv<T & { size: number | undefined }>;
+}
+
+function labelOption<T>(yargs: Argv<T>): Argv<T & { label: Labels }> {
+  return yargs.option('label', {
+    type: 'string',
+    array: true,
+    describe: 'A KEY=VALUE note kept with it (repeatable)',
+    coerce: (texts: string[]) => parseLabels(texts),
+  }) as unknown as Argv<T & { label: Labels }>;
+}
+
+function parseLabels(texts: readonly string[]): Labels {
+  const labels: Record<string, string> = {};
+  for (const text of texts) {
+    const at = text.indexOf('=');
+    if (at <= 0) throw new OperationError('EINVAL', `--label wants KEY=VALUE, got ${JSON.stringify(text)}`);
+    labels[text.slice(0, at)] = text.slice(at + 1);
+  }
+  return labels;
 }
 
 /** A terminal progress bar with rate and time left; a line a second when not on a terminal. */
@@ -166,10 +187,14 @@ const volumeCommands: CommandModule[] = [
   command(
     'create <name>',
     'Create an empty volume',
-    (y) => sizeOption(withPool(y), true).positional('name', { type: 'string', demandOption: true }).example('$0 volume create db --size 10GiB', ''),
+    (y) =>
+      labelOption(sizeOption(withPool(y), true))
+        .positional('name', { type: 'string', demandOption: true })
+        .example('$0 volume create db --size 10GiB', '')
+        .example('$0 volume create db --size 10GiB --label team=payments', ''),
     async (args) => {
-      const a = args as PoolArgs & { name: string; size: number };
-      const volume = await client(a).createVolume(a.name, a.size);
+      const a = args as PoolArgs & { name: string; size: number; label: Labels | undefined };
+      const volume = await client(a).createVolume(a.name, a.size, a.label);
       print(a, volume, () => `created volume ${volume.name} (${formatBytes(volume.size)})`);
     },
   ),
@@ -195,14 +220,14 @@ const volumeCommands: CommandModule[] = [
     'clone <source> <name>',
     'Clone a volume or snapshot instantly (no data is copied)',
     (y) =>
-      sizeOption(withPool(y), false)
+      labelOption(sizeOption(withPool(y), false))
         .positional('source', { type: 'string', demandOption: true })
         .positional('name', { type: 'string', demandOption: true })
         .example('$0 volume clone db db-test', '')
         .example('$0 volume clone db db-big --size 20GiB', 'a clone larger than its source'),
     async (args) => {
-      const a = args as PoolArgs & { source: string; name: string; size: number | undefined };
-      const volume = await client(a).clone(a.source, a.name, a.size);
+      const a = args as PoolArgs & { source: string; name: string; size: number | undefined; label: Labels | undefined };
+      const volume = await client(a).clone(a.source, a.name, a.size, a.label);
       print(a, volume, () => `cloned ${a.source} as ${volume.name} (${formatBytes(volume.size)})`);
     },
   ),
@@ -281,13 +306,13 @@ const snapshotCommands: CommandModule[] = [
     'create <volume> <name>',
     'Take a read-only, point-in-time snapshot of a volume',
     (y) =>
-      withPool(y)
+      labelOption(withPool(y))
         .positional('volume', { type: 'string', demandOption: true })
         .positional('name', { type: 'string', demandOption: true })
         .example('$0 snapshot create db db-monday', ''),
     async (args) => {
-      const a = args as PoolArgs & { volume: string; name: string };
-      const snapshot = await client(a).snapshot(a.volume, a.name);
+      const a = args as PoolArgs & { volume: string; name: string; label: Labels | undefined };
+      const snapshot = await client(a).snapshot(a.volume, a.name, a.label);
       print(a, snapshot, () => `snapshot ${snapshot.name} of ${a.volume} taken`);
     },
   ),

@@ -6,7 +6,7 @@ import { request as httpRequest } from 'node:http';
 import { dirname } from 'node:path';
 import { OperationError } from '../util/errors.js';
 import { fromWireError, type WireError } from './http-json.js';
-import type { PoolUsage } from '../store/index.js';
+import type { Labels, PoolUsage } from '../store/index.js';
 import type { VolumeView } from './admin-server.js';
 
 export interface FlattenProgress {
@@ -36,16 +36,16 @@ export class AdminClient {
     return this.#call('GET', `/v1/volumes/${encodeURIComponent(name)}`);
   }
 
-  createVolume(name: string, size: number): Promise<VolumeView> {
-    return this.#call('POST', '/v1/volumes', { name, size });
+  createVolume(name: string, size: number, labels?: Labels): Promise<VolumeView> {
+    return this.#call('POST', '/v1/volumes', { name, size, labels });
   }
 
-  clone(source: string, name: string, size?: number): Promise<VolumeView> {
-    return this.#call('POST', `/v1/volumes/${encodeURIComponent(source)}/clone`, { name, size });
+  clone(source: string, name: string, size?: number, labels?: Labels): Promise<VolumeView> {
+    return this.#call('POST', `/v1/volumes/${encodeURIComponent(source)}/clone`, { name, size, labels });
   }
 
-  snapshot(source: string, name: string): Promise<VolumeView> {
-    return this.#call('POST', `/v1/volumes/${encodeURIComponent(source)}/snapshot`, { name });
+  snapshot(source: string, name: string, labels?: Labels): Promise<VolumeView> {
+    return this.#call('POST', `/v1/volumes/${encodeURIComponent(source)}/snapshot`, { name, labels });
   }
 
   grow(name: string, size: number): Promise<VolumeView> {

@@ -24,7 +24,7 @@ import { createHash, timingSafeEqual } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import { chmod, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
-import type { Pool, VolumeInfo, VolumeUsage } from '../store/index.js';
+import type { Labels, Pool, VolumeInfo, VolumeUsage } from '../store/index.js';
 import { OperationError } from '../util/errors.js';
 import { readJsonBody, sendJson, statusFor, toWireError } from './http-json.js';
 
@@ -148,7 +148,8 @@ export class AdminServer {
     },
     'POST volumes': async (request) => {
       const body = await readJsonBody(request);
-      return this.#viewOf(await this.#options.store.createVolume(requireName(body, 'name'), requireSize(body, 'size')));
+      const labels = field(body, 'labels') as Labels | undefined;
+      return this.#viewOf(await this.#options.store.createVolume(requireName(body, 'name'), requireSize(body, 'size'), { labels }));
     },
     'GET volumes/:name': async (_request, _response, name) => {
       const volume = this.#options.store.info(name!);
@@ -158,12 +159,14 @@ export class AdminServer {
     'POST volumes/:name/clone': async (request, _response, name) => {
       const body = await readJsonBody(request);
       const size = optionalSize(body, 'size');
-      const clone = await this.#options.store.clone(name!, requireName(body, 'name'), size === undefined ? {} : { size });
+      const labels = field(body, 'labels') as Labels | undefined;
+      const clone = await this.#options.store.clone(name!, requireName(body, 'name'), { labels, ...(size === undefined ? {} : { size }) });
       return this.#viewOf(clone);
     },
     'POST volumes/:name/snapshot': async (request, _response, name) => {
       const body = await readJsonBody(request);
-      return this.#viewOf(await this.#options.store.snapshot(name!, requireName(body, 'name')));
+      const labels = field(body, 'labels') as Labels | undefined;
+      return this.#viewOf(await this.#options.store.snapshot(name!, requireName(body, 'name'), { labels }));
     },
     'POST volumes/:name/grow': async (request, _response, name) => {
       const body = await readJsonBody(request);

@@ -3,5 +3,6 @@ export { Pool, BLOCK_SIZE, MAX_VOLUME_SIZE } from './pool.js';
 export type { PoolOptions, PoolUsage, VolumeInfo, VolumeUsage } from './pool.js';
 export { nodeFileLayer } from './file-layer.js';
 export type { FileHandle, FileLayer, OpenMode } from './file-layer.js';
-export { validateName } from './names.js';
+export { validateLabels, validateName } from './names.js';
+export type { Labels } from './names.js';
 export type { BlockDevice, ExportCatalog, ExportDescription, Extent, ReadPiece, ZeroOptions } from './types.js';

@@ -16,13 +16,23 @@
  */
 import { crc32 } from './crc32.js';
 import type { FileHandle, FileLayer } from './file-layer.js';
+import type { Labels } from './names.js';
 
 export type MetaRecord =
   | { op: 'assign'; layer: number; start: number; end: number; value: number }
-  | { op: 'create'; name: string; size: number; head: number; createdAt: string }
+  | { op: 'create'; name: string; size: number; head: number; createdAt: string; labels?: Labels }
   /** `head`: the source's new head, or null when its head was unchanged and is not frozen. */
-  | { op: 'snapshot'; source: string; name: string; head: number | null; createdAt: string }
-  | { op: 'clone'; source: string; name: string; size: number; head: number; sourceHead: number | null; createdAt: string }
+  | { op: 'snapshot'; source: string; name: string; head: number | null; createdAt: string; labels?: Labels }
+  | {
+      op: 'clone';
+      source: string;
+      name: string;
+      size: number;
+      head: number;
+      sourceHead: number | null;
+      createdAt: string;
+      labels?: Labels;
+    }
   | { op: 'grow'; name: string; size: number }
   | { op: 'delete'; name: string }
   /** Flatten finished: the volume's head stops referencing its ancestors. */
@@ -232,6 +242,7 @@ export interface CheckpointVolume {
   layer: number;
   parent: string | null;
   createdAt: string;
+  labels?: Labels;
 }
 
 export interface CheckpointMeta {

@@ -51,7 +51,7 @@ import {
   type CheckpointMeta,
   type MetaRecord,
 } from './journal.js';
-import { validateName } from './names.js';
+import { validateLabels, validateName, type Labels } from './names.js';
 import { acquireLock, releaseLock } from './pool-lock.js';
 import type { BlockDevice, ExportCatalog, ExportDescription, Extent, ReadPiece, ZeroOptions } from './types.js';
 
@@ -85,6 +85,8 @@ export interface VolumeInfo {
   /** The volume or snapshot this one was cloned or snapshotted from (it may since be deleted). */
   parent: string | null;
   createdAt: string;
+  /** The caller's notes, given at creation. */
+  labels: Labels;
   /** Snapshots taken of this volume that still exist. */
   snapshots: string[];
 }
@@ -130,11 +132,23 @@ interface Volume {
   size: number;
   readonly parent: string | null;
   readonly createdAt: string;
+  readonly labels: Labels;
   /** The head (volume) or the frozen layer (snapshot). */
   layer: Layer;
   readonly gate: Gate;
   readonly locks: BlockLocks;
   deleted: boolean;
+}
+
+type VolumeIdentity = Pick<Volume, 'name' | 'kind' | 'size' | 'parent' | 'createdAt' | 'labels'>;
+
+/** Records and checkpoints carry labels only when there are some, so unlabelled pools read as before. */
+function labelled(labels: Labels): { labels?: Labels } {
+  return Object.keys(labels).length === 0 ? {} : { labels };
+}
+
+function describedBy(record: { name: string; createdAt: string; labels?: Labels }): Pick<Volume, 'name' | 'createdAt' | 'labels'> {
+  return { name: record.name, createdAt: record.createdAt, labels: record.labels ?? {} };
 }
 
 function ioError(error: unknown, what: string): OperationError {
@@ -348,25 +362,28 @@ export class Pool implements ExportCatalog {
       readOnly: volume.kind === 'snapshot',
       parent: volume.parent,
       createdAt: volume.createdAt,
+      labels: volume.labels,
       snapshots: snapshots.sort(),
     };
   }
 
   // ---- lifecycle -----------------------------------------------------------------------------
 
-  async createVolume(name: string, size: number): Promise<VolumeInfo> {
+  async createVolume(name: string, size: number, options: { labels?: Labels } = {}): Promise<VolumeInfo> {
     this.#checkNotClosed();
     validateName(name);
     checkSize(size);
+    const labels = validateLabels(options.labels);
     this.#checkFree(name);
-    this.#record({ op: 'create', name, size, head: this.#nextLayerId, createdAt: new Date().toISOString() });
+    this.#record({ op: 'create', name, size, head: this.#nextLayerId, createdAt: new Date().toISOString(), ...labelled(labels) });
     await this.flush();
     return this.info(name)!;
   }
 
-  async snapshot(source: string, name: string): Promise<VolumeInfo> {
+  async snapshot(source: string, name: string, options: { labels?: Labels } = {}): Promise<VolumeInfo> {
     this.#checkNotClosed();
     validateName(name);
+    const labels = validateLabels(options.labels);
     const volume = this.#volume(source);
     await volume.gate.exclusive(() => {
       this.#checkOpen(volume);
@@ -377,15 +394,17 @@ export class Pool implements ExportCatalog {
         name,
         head: volume.kind === 'volume' && this.#mustFreeze(volume.layer) ? this.#nextLayerId : null,
         createdAt: new Date().toISOString(),
+        ...labelled(labels),
       });
     });
     await this.flush();
     return this.info(name)!;
   }
 
-  async clone(source: string, name: string, options: { size?: number } = {}): Promise<VolumeInfo> {
+  async clone(source: string, name: string, options: { size?: number; labels?: Labels } = {}): Promise<VolumeInfo> {
     this.#checkNotClosed();
     validateName(name);
+    const labels = validateLabels(options.labels);
     const volume = this.#volume(source);
     await volume.gate.exclusive(() => {
       this.#checkOpen(volume);
@@ -397,7 +416,7 @@ export class Pool implements ExportCatalog {
       }
       const sourceHead = volume.kind === 'volume' && this.#mustFreeze(volume.layer) ? this.#nextLayerId : null;
       const head = sourceHead === null ? this.#nextLayerId : sourceHead + 1;
-      this.#record({ op: 'clone', source, name, size, head, sourceHead, createdAt: new Date().toISOString() });
+      this.#record({ op: 'clone', source, name, size, head, sourceHead, createdAt: new Date().toISOString(), ...labelled(labels) });
     });
     await this.flush();
     return this.info(name)!;
@@ -823,20 +842,20 @@ export class Pool implements ExportCatalog {
       }
       case 'create': {
         const head = this.#newLayer(record.head, null, BlockMap.EMPTY, record.size);
-        this.#addVolume(record.name, 'volume', record.size, null, record.createdAt, head);
+        this.#addVolume({ ...describedBy(record), kind: 'volume', size: record.size, parent: null }, head);
         return [];
       }
       case 'snapshot': {
         const source = this.#existing(record.source);
         const frozen = this.#freeze(source, record.head);
-        this.#addVolume(record.name, 'snapshot', source.size, source.name, record.createdAt, frozen);
+        this.#addVolume({ ...describedBy(record), kind: 'snapshot', size: source.size, parent: source.name }, frozen);
         return [];
       }
       case 'clone': {
         const source = this.#existing(record.source);
         const frozen = this.#freeze(source, record.sourceHead);
         const head = this.#newLayer(record.head, frozen, frozen.map, record.size);
-        this.#addVolume(record.name, 'volume', record.size, source.name, record.createdAt, head);
+        this.#addVolume({ ...describedBy(record), kind: 'volume', size: record.size, parent: source.name }, head);
         return [];
       }
       case 'grow': {
@@ -891,16 +910,10 @@ export class Pool implements ExportCatalog {
     return layer;
   }
 
-  #addVolume(
-    name: string,
-    kind: Volume['kind'],
-    size: number,
-    parent: string | null,
-    createdAt: string,
-    layer: Layer,
-  ): Volume {
-    if (this.#volumes.has(name)) throw new Error(`volume ${name} exists`);
-    const volume: Volume = { name, kind, size, parent, createdAt, layer, gate: new Gate(), locks: new BlockLocks(), deleted: false };
+  #addVolume(identity: VolumeIdentity, layer: Layer): Volume {
+    if (this.#volumes.has(identity.name)) throw new Error(`volume ${identity.name} exists`);
+    const { name, kind, size, parent, createdAt, labels } = identity;
+    const volume: Volume = { name, kind, size, parent, createdAt, labels, layer, gate: new Gate(), locks: new BlockLocks(), deleted: false };
     if (kind === 'volume') layer.owner = volume;
     layer.refs++;
     this.#volumes.set(name, volume);
@@ -1067,6 +1080,7 @@ export class Pool implements ExportCatalog {
         layer: volume.layer.id,
         parent: volume.parent,
         createdAt: volume.createdAt,
+        ...labelled(volume.labels),
       })),
     };
     let next: Journal;
@@ -1140,7 +1154,7 @@ export class Pool implements ExportCatalog {
       parent.refs++;
     }
     for (const saved of meta.volumes) {
-      this.#addVolume(saved.name, saved.kind, saved.size, saved.parent, saved.createdAt, this.#layers.get(saved.layer)!);
+      this.#addVolume({ ...saved, labels: saved.labels ?? {} }, this.#layers.get(saved.layer)!);
     }
     const { journal, records } = await Journal.recover(files, this.#dir, this.#generation);
     this.#journal = journal;

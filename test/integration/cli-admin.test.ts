@@ -35,6 +35,7 @@ interface VolumeJson {
   sharedBytes: number;
   clients: number;
   createdAt: string;
+  labels: Record<string, string>;
 }
 
 interface PoolJson {
@@ -392,6 +393,22 @@ describe('errors: exit code and message', () => {
     expectFailure(await cli(['volume', 'grow', 'big', '--size', '1M']), 6, /shrink|smaller/);
     expect((await show('big')).size).toBe(4 * MiB);
     expectFailure(await cli(['volume', 'show', 'small-clone']), 5, /small-clone/);
+  });
+
+  it('keeps labels given at creation on volumes, clones and snapshots; a bad key is exit 8', async () => {
+    const volume = await cliJson<VolumeJson>(['volume', 'create', 'labelled', '--size', '1M', '--label', 'owner=ann', '--label', 'team/app=db=1']);
+    expect(volume.labels).toEqual({ owner: 'ann', 'team/app': 'db=1' });
+    const clone = await cliJson<VolumeJson>(['volume', 'clone', 'labelled', 'labelled-copy', '--label', 'purpose=test']);
+    expect(clone.labels).toEqual({ purpose: 'test' });
+    const snapshot = await cliJson<VolumeJson>(['snapshot', 'create', 'labelled', 'labelled-snap']);
+    expect(snapshot.labels).toEqual({});
+    expect((await show('labelled')).labels).toEqual(volume.labels);
+    expect((await cliOk(['volume', 'show', 'labelled'])).stdout).toMatch(/labels\s+owner=ann, team\/app=db=1/);
+    expectFailure(await cli(['volume', 'create', 'badly-labelled', '--size', '1M', '--label', 'Owner=x']), 8, /invalid label key/);
+    const unparsed = await cli(['volume', 'create', 'badly-labelled', '--size', '1M', '--label', 'novalue']);
+    expect(unparsed.code, describeResult(unparsed)).not.toBe(0);
+    expect(unparsed.stderr).toMatch(/--label wants KEY=VALUE, got "novalue"/);
+    expect((await list()).map((entry) => entry.name)).not.toContain('badly-labelled');
   });
 
   it('invalid names: exit 8, with the rule in the message', async () => {
