@@ -1,8 +1,10 @@
 /**
- * Crash consistency: random workloads on volumes, snapshots and clones over a file system that
- * crashes at a random mutating call and then drops or tears every unsynced write. The reopened
- * pool must open cleanly, and every byte whose last write was flushed (flush, FUA, or the flush
- * inside create/snapshot/clone/delete) must read back as flushed.
+ * Crash consistency (power loss): random workloads on volumes, snapshots and clones over a file
+ * system that crashes at a random mutating call and then drops or tears every unsynced write, data
+ * and journal alike. Crash points fall in the journal, checkpoints (a small checkpoint threshold
+ * makes them frequent), layer deletion, grow and flatten. The reopened pool must open cleanly,
+ * every byte whose last write was flushed (flush, FUA, or the flush inside create/snapshot/clone/
+ * delete/grow/flatten) must read back as flushed, and no layer file may be left that no layer owns.
  */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
@@ -16,8 +18,10 @@ const NAMES = ['a', 'b', 'c', 'd'];
 type Step =
   | { op: 'create'; name: string; size: number }
   | { op: 'write'; target: number; at: number; length: number; seed: number; fua: boolean }
-  | { op: 'zero'; target: number; at: number; length: number }
+  | { op: 'trim' | 'zero'; target: number; at: number; length: number; fua: boolean; mayTrim: boolean }
   | { op: 'flush' }
+  | { op: 'grow'; target: number; by: number }
+  | { op: 'flatten'; target: number }
   | { op: 'snapshot' | 'clone'; target: number; name: string }
   | { op: 'delete'; target: number };
 
@@ -31,6 +35,8 @@ interface ModelVolume {
   touched: Uint8Array;
   /** The call creating or deleting it was cut by the crash: it may or may not exist. */
   uncertain: boolean;
+  /** Sizes it may have: two while a grow was cut by the crash. */
+  sizes: number[];
 }
 
 const step: fc.Arbitrary<Step> = fc.oneof(
@@ -46,8 +52,20 @@ const step: fc.Arbitrary<Step> = fc.oneof(
     }),
     weight: 8,
   },
-  { arbitrary: fc.record({ op: fc.constant('zero' as const), target: fc.nat(7), at: fc.nat(1 << 20), length: fc.integer({ min: 1, max: 24 * KiB }) }), weight: 2 },
+  {
+    arbitrary: fc.record({
+      op: fc.constantFrom('trim' as const, 'zero' as const),
+      target: fc.nat(7),
+      at: fc.nat(1 << 20),
+      length: fc.integer({ min: 1, max: 24 * KiB }),
+      fua: fc.boolean(),
+      mayTrim: fc.boolean(),
+    }),
+    weight: 2,
+  },
   { arbitrary: fc.constant({ op: 'flush' as const }), weight: 2 },
+  { arbitrary: fc.record({ op: fc.constant('grow' as const), target: fc.nat(7), by: fc.integer({ min: 1, max: 40 }).map((k) => k * KiB) }), weight: 1 },
+  { arbitrary: fc.record({ op: fc.constant('flatten' as const), target: fc.nat(7) }), weight: 1 },
   { arbitrary: fc.record({ op: fc.constantFrom('snapshot' as const, 'clone' as const), target: fc.nat(7), name: fc.constantFrom(...NAMES) }), weight: 2 },
   { arbitrary: fc.record({ op: fc.constant('delete' as const), target: fc.nat(7) }), weight: 1 },
 );
@@ -98,6 +116,7 @@ async function runUntilCrash(pool: Pool, files: MemoryFiles, steps: Step[]): Pro
             flushed: new Uint8Array(s.size),
             touched: new Uint8Array(s.size),
             uncertain: true,
+            sizes: [s.size],
           });
           pending = () => model.set(s.name, fresh());
           await pool.createVolume(s.name, s.size);
@@ -106,6 +125,7 @@ async function runUntilCrash(pool: Pool, files: MemoryFiles, steps: Step[]): Pro
           break;
         }
         case 'write':
+        case 'trim':
         case 'zero': {
           const name = pick(model, s.target, true);
           if (name === undefined) break;
@@ -118,9 +138,10 @@ async function runUntilCrash(pool: Pool, files: MemoryFiles, steps: Step[]): Pro
           pending = () => volume.current.set(data, offset);
           const device = await handle(name);
           if (s.op === 'write') await device.write(offset, data, s.fua);
-          else await device.trim(offset, length, false);
+          else if (s.op === 'trim') await device.trim(offset, length, s.fua);
+          else await device.zero(offset, length, { mayTrim: s.mayTrim, fua: s.fua });
           volume.current.set(data, offset);
-          if (s.op === 'write' && s.fua) markFlushed(model);
+          if (s.fua) markFlushed(model);
           break;
         }
         case 'flush':
@@ -140,11 +161,38 @@ async function runUntilCrash(pool: Pool, files: MemoryFiles, steps: Step[]): Pro
             flushed: data.slice(),
             touched: new Uint8Array(data.length),
             uncertain,
+            sizes: [data.length],
           });
           pending = () => model.set(s.name, copy(true));
           if (s.op === 'snapshot') await pool.snapshot(source, s.name);
           else await pool.clone(source, s.name);
           model.set(s.name, copy(false));
+          markFlushed(model);
+          break;
+        }
+        case 'grow': {
+          const name = pick(model, s.target, true);
+          if (name === undefined) break;
+          const volume = model.get(name)!;
+          const size = volume.current.length + s.by;
+          const grown = (bytes: Uint8Array): Uint8Array => {
+            const larger = new Uint8Array(size);
+            larger.set(bytes);
+            return larger;
+          };
+          // Cut short, it may be either size; the new bytes read as zeros either way.
+          pending = () => volume.sizes.push(size);
+          await handles.get(name)?.close();
+          handles.delete(name);
+          await pool.grow(name, size);
+          model.set(name, { ...volume, current: grown(volume.current), flushed: grown(volume.flushed), touched: grown(volume.touched), sizes: [size] });
+          markFlushed(model);
+          break;
+        }
+        case 'flatten': {
+          const name = pick(model, s.target, true);
+          if (name === undefined) break;
+          await pool.flatten(name);
           markFlushed(model);
           break;
         }
@@ -178,15 +226,23 @@ async function verify(pool: Pool, model: Map<string, ModelVolume>): Promise<void
       continue;
     }
     const info = pool.info(name)!;
-    expect(info.size).toBe(volume.current.length);
+    expect(volume.sizes, `${name}: size`).toContain(info.size);
     expect(info.kind).toBe(volume.snapshot ? 'snapshot' : 'volume');
-    const actual = await readAll(await pool.open(name), volume.current.length);
+    const actual = await readAll(await pool.open(name), info.size);
     for (let i = 0; i < actual.length; i++) {
-      if (volume.touched[i] === 0 && actual[i] !== volume.flushed[i]) {
-        throw new Error(`${name}: flushed byte ${i} is ${actual[i]}, expected ${volume.flushed[i]}`);
+      const flushed = i < volume.flushed.length ? volume.flushed[i] : 0;
+      if ((volume.touched[i] ?? 0) === 0 && actual[i] !== flushed) {
+        throw new Error(`${name}: flushed byte ${i} is ${actual[i]}, expected ${flushed}`);
       }
     }
   }
+}
+
+/** Every layer file belongs to a layer of the reopened pool. */
+async function verifyNoLeaks(pool: Pool, files: MemoryFiles): Promise<void> {
+  const layerFiles = await files.readdir('/pool/layers');
+  const { layers } = await pool.usage();
+  expect(layerFiles.length, `layer files ${layerFiles.join(', ')} for ${layers} layers`).toBeLessThanOrEqual(layers);
 }
 
 describe('store crash consistency', () => {
@@ -211,6 +267,7 @@ describe('store crash consistency', () => {
           const reopened = await Pool.open('/pool', options);
           try {
             await verify(reopened, model);
+            await verifyNoLeaks(reopened, files);
             // The recovered pool keeps working and survives a clean close and another open.
             const volume = [...model.keys()].find((name) => reopened.info(name)?.kind === 'volume');
             if (volume !== undefined) {
