@@ -10,20 +10,15 @@
  * a random moment. At the end the pool is emptied and must hold no layer files. Exit status 0 only
  * with zero violations.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { AdminClient } from '../src/control/admin-client.js';
+import { BUILT_CLI, startClonebd, type ClonebdProcess } from './clonebd-process.js';
 import { NbdClient } from '../native-free/index.js';
 import { BLOCK_SIZE, CopyInProgress, VolumeModel, blockContent, observe } from './crash-model.js';
 
-/** The built CLI beside this script once compiled: dist/scripts → dist/src. */
-const BUILT_CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
-const READY_TIMEOUT_MS = 30_000;
 const MAX_BLOCKS_PER_WRITE = 4;
 const VERIFY_CHUNK_BLOCKS = 256;
 
@@ -77,43 +72,6 @@ interface Entry {
   attached: number;
 }
 
-interface Server {
-  child: ChildProcess;
-  socket: string;
-  admin: AdminClient;
-}
-
-async function startServer(cli: string, pool: string): Promise<Server> {
-  const child = spawn(process.execPath, [cli, 'serve', '--pool', pool, '--listen', '127.0.0.1:0', '--no-default-volume', '--log-level', 'warn'], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stderr = '';
-  child.stderr!.on('data', (chunk: Buffer) => (stderr = (stderr + chunk.toString()).slice(-4096)));
-  const ready = new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`server not listening after ${READY_TIMEOUT_MS} ms\n${stderr}`)), READY_TIMEOUT_MS);
-    createInterface({ input: child.stdout! }).on('line', (line) => {
-      if (line.includes('"msg":"listening"')) {
-        clearTimeout(timer);
-        resolve();
-      }
-    });
-    child.once('exit', (code, signal) => {
-      clearTimeout(timer);
-      reject(new Error(`server exited (${code ?? signal}) before listening; the pool must open without repair\n${stderr}`));
-    });
-  });
-  await ready;
-  return { child, socket: join(pool, 'nbd.sock'), admin: new AdminClient(join(pool, 'admin.sock')) };
-}
-
-function kill(server: Server): Promise<void> {
-  if (server.child.exitCode !== null || server.child.signalCode !== null) return Promise.resolve();
-  return new Promise((resolve) => {
-    server.child.once('exit', () => resolve());
-    server.child.kill('SIGKILL');
-  });
-}
-
 export async function runCrashHarness(options: CrashOptions): Promise<CrashReport> {
   const rand = random(options.seed);
   const pick = <T>(items: readonly T[]): T => items[Math.floor(rand() * items.length)]!;
@@ -128,9 +86,9 @@ export async function runCrashHarness(options: CrashOptions): Promise<CrashRepor
   const zeroWrites = new Set<number>([0]);
   let nextId = 1;
   let nextName = 0;
-  let server: Server | undefined;
+  let server: ClonebdProcess | undefined;
 
-  const verifyAll = async (current: Server): Promise<void> => {
+  const verifyAll = async (current: ClonebdProcess): Promise<void> => {
     const existing = new Set((await current.admin.listVolumes()).map((volume) => volume.name));
     for (const [name, entry] of [...entries]) {
       if (!existing.has(name)) {
@@ -167,7 +125,7 @@ export async function runCrashHarness(options: CrashOptions): Promise<CrashRepor
     if (layerFiles > layers) violation(`${layerFiles} layer files for ${layers} layers: leaked`);
   };
 
-  const createVolume = async (current: Server): Promise<void> => {
+  const createVolume = async (current: ClonebdProcess): Promise<void> => {
     const name = `v${nextName++}`;
     const model = VolumeModel.empty(name, options.volumeBlocks);
     const entry: Entry = { model, state: 'creating', copies: new Set(), attached: 0 };
@@ -177,7 +135,7 @@ export async function runCrashHarness(options: CrashOptions): Promise<CrashRepor
   };
 
   /** One connection writing to one volume until the server dies or `stop` is set. */
-  const writer = async (current: Server, entry: Entry, stop: { now: boolean }): Promise<void> => {
+  const writer = async (current: ClonebdProcess, entry: Entry, stop: { now: boolean }): Promise<void> => {
     // Counted before connecting, so the churn never picks it for deletion.
     entry.attached++;
     const client = await NbdClient.connect({ path: current.socket }, { exportName: entry.model.name });
@@ -232,7 +190,7 @@ export async function runCrashHarness(options: CrashOptions): Promise<CrashRepor
   };
 
   /** Clones, snapshots and deletions, one at a time, until the server dies or `stop` is set. */
-  const churn = async (current: Server, stop: { now: boolean }): Promise<void> => {
+  const churn = async (current: ClonebdProcess, stop: { now: boolean }): Promise<void> => {
     while (!stop.now) {
       const live = [...entries.values()].filter((entry) => entry.state === 'live');
       const deletable = live.filter((entry) => entry.attached === 0 && entry.copies.size === 0);
@@ -266,7 +224,7 @@ export async function runCrashHarness(options: CrashOptions): Promise<CrashRepor
 
   try {
     for (let cycle = 0; cycle <= options.kills; cycle++) {
-      server = await startServer(options.cli ?? BUILT_CLI, pool);
+      server = await startClonebd(options.cli ?? BUILT_CLI, pool);
       await verifyAll(server);
       if (cycle === options.kills) break;
       while ([...entries.values()].filter((entry) => entry.model.kind === 'volume').length < 2) await createVolume(server);
@@ -282,7 +240,7 @@ export async function runCrashHarness(options: CrashOptions): Promise<CrashRepor
       // The crash point: a random moment of the run, which is what this harness is for.
       await new Promise((resolve) => setTimeout(resolve, options.minRunMs + rand() * (options.maxRunMs - options.minRunMs)));
       stop.now = true;
-      await kill(current);
+      await current.kill();
       await Promise.all(work);
       report.crashes++;
       if (report.crashes % 10 === 0 || report.crashes === options.kills) {
@@ -291,13 +249,11 @@ export async function runCrashHarness(options: CrashOptions): Promise<CrashRepor
     }
     // Empty the pool: every layer file must go with the last volume.
     for (const name of [...entries.keys()]) await server!.admin.delete(name);
-    const stopped = new Promise((resolve) => server!.child.once('exit', resolve));
-    server!.child.kill('SIGTERM');
-    await stopped;
+    await server!.stop();
     const left = await readdir(join(pool, 'layers'));
     if (left.length > 0) violation(`layer files left after deleting every volume: ${left.join(', ')}`);
   } finally {
-    if (server !== undefined) await kill(server);
+    if (server !== undefined) await server.kill();
     await rm(dir, { recursive: true, force: true });
   }
   return report;
