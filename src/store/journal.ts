@@ -35,8 +35,11 @@ export type MetaRecord =
     }
   | { op: 'grow'; name: string; size: number }
   | { op: 'delete'; name: string }
-  /** Flatten finished: the volume's head stops referencing its ancestors. */
-  | { op: 'detach'; name: string };
+  /**
+   * Flatten or compaction finished: the volume's head takes `parent` as its parent (null: no
+   * ancestors; absent in older journals: null), dropping the layers in between.
+   */
+  | { op: 'detach'; name: string; parent?: number | null };
 
 const ASSIGN = 1;
 const JSON_RECORD = 2;

@@ -20,7 +20,13 @@
  *
  * Lifetimes: a layer is referenced by the volume or snapshot naming it and by each layer whose
  * parent it is; at zero it leaves the metadata, and its file is removed once that change is
- * durable. A layer's data file is only written while it is a head, and only blocks its own map
+ * durable. Deleting a snapshot or clone can leave frozen layers that only one head still reads
+ * through (a volume snapshotted and cloned many times over would otherwise collect one per copy,
+ * each with a file descriptor and a map); compaction folds them: the blocks the head still reads
+ * from them are copied into the head, like a flatten of just those layers, and the head is
+ * re-parented past them. The root layer is never folded: it usually holds the bulk of the data. A
+ * fold runs in the background and gives up if the head is frozen meanwhile (a snapshot or clone
+ * of the volume); layers that then sit under a live copy stay until that copy is deleted too. A layer's data file is only written while it is a head, and only blocks its own map
  * points at are ever read from it; so a block a head no longer maps (overwritten elsewhere,
  * trimmed) is garbage, and hole punching may take it back at any later time.
  *
@@ -290,6 +296,9 @@ export class Pool implements ExportCatalog {
   #punching: Promise<void> | undefined;
   #trimCommitTimer: NodeJS.Timeout | undefined;
 
+  #compacting: Promise<void> | undefined;
+  #compactAgain = false;
+
   #closed = false;
   readonly #io: VolumeIo;
 
@@ -452,6 +461,7 @@ export class Pool implements ExportCatalog {
     });
     await this.flush();
     await this.#removeLayerFiles(freed);
+    this.#scheduleCompaction();
   }
 
   /**
@@ -491,7 +501,7 @@ export class Pool implements ExportCatalog {
           run = [start, Math.min(end, start + FLATTEN_STEP), value];
           return true;
         });
-        if (run === undefined) return head.parent === null ? [] : this.#record({ op: 'detach', name });
+        if (run === undefined) return head.parent === null ? [] : this.#record({ op: 'detach', name, parent: null });
         const [start, end, value] = run;
         await this.#copyBlocks(head, start, end, this.#layers.get(value)!);
         done += (end - start) * BLOCK_SIZE;
@@ -577,9 +587,12 @@ export class Pool implements ExportCatalog {
     return queued;
   }
 
-  /** Resolves when background work (hole punching of durable trims) is done. */
+  /** Resolves when background work (compaction, hole punching of durable trims) is done. */
   async idle(): Promise<void> {
-    while (this.#punching !== undefined) await this.#punching;
+    while (this.#compacting !== undefined || this.#punching !== undefined) {
+      await this.#compacting;
+      await this.#punching;
+    }
   }
 
   /** Waits for I/O in flight, makes everything durable, writes a checkpoint, releases the lock. */
@@ -764,7 +777,7 @@ export class Pool implements ExportCatalog {
     return extents;
   }
 
-  /** Flatten step: copies [start, end) from `source` into the head. Runs under the exclusive gate. */
+  /** Flatten and compaction step: copies [start, end) from `source` into the head, under the exclusive gate. */
   async #copyBlocks(head: Layer, start: number, end: number, source: Layer): Promise<void> {
     const reserved = this.#reserve(end - start);
     try {
@@ -775,7 +788,7 @@ export class Pool implements ExportCatalog {
       this.#dirty.add(head.id);
       this.#record({ op: 'assign', layer: head.id, start, end, value: head.id });
     } catch (error) {
-      throw ioError(error, `flattening into layer ${head.id}`);
+      throw ioError(error, `copying blocks into layer ${head.id}`);
     } finally {
       this.#reservedBlocks -= reserved;
     }
@@ -873,7 +886,9 @@ export class Pool implements ExportCatalog {
       case 'detach': {
         const head = this.#existing(record.name).layer;
         const parent = head.parent;
-        head.parent = null;
+        const kept = record.parent === undefined || record.parent === null ? null : this.#layers.get(record.parent)!;
+        if (kept !== null) kept.refs++;
+        head.parent = kept;
         return parent === null ? [] : this.#release(parent);
       }
     }
@@ -1176,6 +1191,73 @@ export class Pool implements ExportCatalog {
     }
     await this.#refreshFree();
     this.#log?.info({ volumes: this.#volumes.size, layers: this.#layers.size, replayed: records.length }, 'pool opened');
+    // A compaction cut short by a crash, or layers left by an older version, are folded now.
+    this.#scheduleCompaction();
+  }
+
+  // ---- compaction ----------------------------------------------------------------------------
+
+  /**
+   * The frozen layers right above `head` that nothing but `head` uses (no snapshot names them, no
+   * other layer descends from them), and the first ancestor past them that stays.
+   */
+  #foldable(head: Layer): { layers: Set<number>; kept: Layer } | undefined {
+    const layers = new Set<number>();
+    let at = head.parent;
+    while (at !== null && at.parent !== null && at.refs === 1) {
+      layers.add(at.id);
+      at = at.parent;
+    }
+    return layers.size === 0 || at === null ? undefined : { layers, kept: at };
+  }
+
+  #scheduleCompaction(): void {
+    if (this.#closed) return;
+    if (this.#compacting !== undefined) {
+      this.#compactAgain = true;
+      return;
+    }
+    this.#compacting = (async () => {
+      do {
+        this.#compactAgain = false;
+        for (const volume of [...this.#volumes.values()]) {
+          if (this.#closed) return;
+          if (volume.kind !== 'volume' || volume.deleted) continue;
+          await this.#fold(volume).catch((error: unknown) => {
+            if (!this.#closed) this.#log?.warn({ err: error, volume: volume.name }, 'compaction failed; the layers stay');
+          });
+        }
+      } while (this.#compactAgain);
+    })().finally(() => (this.#compacting = undefined));
+  }
+
+  /** Folds the layers #foldable finds, step by step like flatten; gives up if the volume changes. */
+  async #fold(volume: Volume): Promise<void> {
+    const head = volume.layer;
+    const plan = this.#foldable(head);
+    if (plan === undefined) return;
+    let cursor = 0;
+    let freed: Layer[] | undefined;
+    while (freed === undefined) {
+      freed = await volume.gate.exclusive(async () => {
+        if (this.#closed || volume.deleted || volume.layer !== head || this.#foldable(head)?.kept !== plan.kept) return [];
+        let run: [number, number, number] | undefined;
+        head.map.extents(cursor, Infinity, (start, end, value) => {
+          if (!plan.layers.has(value)) return false;
+          run = [start, Math.min(end, start + FLATTEN_STEP), value];
+          return true;
+        });
+        if (run === undefined) return this.#record({ op: 'detach', name: volume.name, parent: plan.kept.id });
+        const [start, end, value] = run;
+        await this.#copyBlocks(head, start, end, this.#layers.get(value)!);
+        cursor = end;
+        return undefined;
+      });
+    }
+    if (freed.length === 0) return;
+    await this.flush();
+    await this.#removeLayerFiles(freed);
+    this.#log?.debug({ volume: volume.name, layers: freed.map((layer) => layer.id) }, 'folded layers');
   }
 
   // ---- hole punching -------------------------------------------------------------------------

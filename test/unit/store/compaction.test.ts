@@ -1,0 +1,131 @@
+/**
+ * Compaction: frozen layers that only one head still reads through, left behind when snapshots and
+ * clones are deleted, are folded into that head; the data stays, the layer count stays bounded.
+ */
+import { describe, expect, it } from 'vitest';
+import { readdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Pool, type PoolOptions } from '../../../src/store/index.js';
+import type { BlockDevice } from '../../../src/store/types.js';
+import { pattern, readBytes, sameBytes, usePoolFixture } from '../../helpers/store-pool.js';
+
+const MiB = 1024 * 1024;
+const BLOCK = 4096;
+const fixture = usePoolFixture();
+const openPool = (options: PoolOptions = {}): Promise<Pool> => fixture.openPool(options);
+
+/** Writes `count` 4 KiB blocks at pseudo-random places, into the device and the expected image. */
+async function scatter(device: BlockDevice, image: Buffer, seed: number, count: number): Promise<void> {
+  for (let i = 0; i < count; i++) {
+    const block = (seed * 7919 + i * 104729) % (image.length / BLOCK);
+    const data = pattern(BLOCK, seed * 1000 + i);
+    await device.write(block * BLOCK, data, false);
+    data.copy(image, block * BLOCK);
+  }
+}
+
+async function layerFiles(): Promise<string[]> {
+  return readdir(join(fixture.dir, 'layers'));
+}
+
+describe('compaction', () => {
+  it('keeps a volume at two layers through snapshot after snapshot deleted, with its data', async () => {
+    const pool = await openPool();
+    await pool.createVolume('a', 4 * MiB);
+    const a = await pool.open('a');
+    const image = Buffer.alloc(4 * MiB);
+    await scatter(a, image, 1, 300);
+    const snapshots: { name: string; image: Buffer }[] = [];
+    for (let round = 2; round < 14; round++) {
+      await pool.snapshot('a', `s${round}`);
+      snapshots.push({ name: `s${round}`, image: Buffer.from(image) });
+      await scatter(a, image, round, 40);
+      if (snapshots.length > 1) await pool.delete(snapshots.shift()!.name);
+    }
+    await pool.delete(snapshots.shift()!.name);
+    await pool.idle();
+    expect(sameBytes(await readBytes(a, 0, image.length), image)).toBe('same');
+    // The first head (frozen, the root) and the current head: nothing in between survives.
+    expect((await pool.usage()).layers).toBe(2);
+    expect((await layerFiles()).length).toBeLessThanOrEqual(2);
+    await pool.close();
+    const reopened = await openPool();
+    expect(sameBytes(await readBytes(await reopened.open('a'), 0, image.length), image)).toBe('same');
+    expect((await reopened.usage()).layers).toBe(2);
+  });
+
+  it('folds what deleted clones leave; the source keeps its data and the clones that remain keep theirs', async () => {
+    const pool = await openPool();
+    await pool.createVolume('a', 2 * MiB);
+    const a = await pool.open('a');
+    const image = Buffer.alloc(2 * MiB);
+    await scatter(a, image, 1, 100);
+    let keptImage: Buffer | undefined;
+    for (let round = 2; round < 10; round++) {
+      await pool.clone('a', `c${round}`);
+      if (round === 5) keptImage = Buffer.from(image);
+      await scatter(a, image, round, 30);
+      const clone = await pool.open(`c${round}`);
+      await clone.write(0, pattern(BLOCK, round), false);
+      await clone.close();
+      if (round !== 5) await pool.delete(`c${round}`);
+      // A fold gives up if the head is frozen meanwhile, and layers then under a live copy stay;
+      // waiting here makes each fold finish before the next clone.
+      await pool.idle();
+    }
+    await pool.idle();
+    expect(sameBytes(await readBytes(a, 0, image.length), image)).toBe('same');
+    const kept = await readBytes(await pool.open('c5'), 0, image.length);
+    pattern(BLOCK, 5).copy(keptImage!, 0);
+    expect(sameBytes(kept, keptImage!)).toBe('same');
+    // a: root, the layer c5 was cloned from, a's head; c5: its head.
+    expect((await pool.usage()).layers).toBe(4);
+  });
+
+  it('stops at a snapshot that still exists and folds past it once it goes', async () => {
+    const pool = await openPool();
+    await pool.createVolume('a', MiB);
+    const a = await pool.open('a');
+    const image = Buffer.alloc(MiB);
+    const images = new Map<string, Buffer>();
+    for (const name of ['s1', 's2', 's3']) {
+      await scatter(a, image, images.size + 1, 20);
+      await pool.snapshot('a', name);
+      images.set(name, Buffer.from(image));
+    }
+    await scatter(a, image, 9, 20);
+    await pool.delete('s2');
+    await pool.idle();
+    expect((await pool.usage()).layers, 's3 pins its layer: nothing folds').toBe(4);
+    await pool.delete('s3');
+    await pool.idle();
+    expect((await pool.usage()).layers, 'only s1 (the root) and the head remain').toBe(2);
+    expect(sameBytes(await readBytes(await pool.open('s1'), 0, MiB), images.get('s1')!)).toBe('same');
+    expect(sameBytes(await readBytes(a, 0, MiB), image)).toBe('same');
+  });
+
+  it('reads and writes keep going during a compaction, and every write is kept', async () => {
+    const pool = await openPool();
+    await pool.createVolume('a', 8 * MiB);
+    const a = await pool.open('a');
+    const image = Buffer.alloc(8 * MiB);
+    await scatter(a, image, 1, 200);
+    await pool.snapshot('a', 's1');
+    await scatter(a, image, 2, 1500);
+    await pool.snapshot('a', 's2');
+    await scatter(a, image, 3, 50);
+    await pool.delete('s2');
+    // The compaction copies about 1500 blocks in steps; these writes and reads interleave with it.
+    const traffic: Promise<void>[] = [];
+    for (let i = 0; i < 200; i++) {
+      const block = (i * 4099) % (image.length / BLOCK);
+      const data = pattern(BLOCK, 50_000 + i);
+      data.copy(image, block * BLOCK);
+      traffic.push(a.write(block * BLOCK, data, false));
+    }
+    await Promise.all(traffic);
+    await pool.idle();
+    expect(sameBytes(await readBytes(a, 0, image.length), image)).toBe('same');
+    expect((await pool.usage()).layers).toBe(2);
+  });
+});
