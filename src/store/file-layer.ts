@@ -8,9 +8,39 @@
  * (about 1-5 ms) per range; the store coalesces ranges and punches off the request path. Where
  * the tool is missing, punchHole reports false and the space stays allocated (the store's maps
  * still say the range reads as zeros).
+ *
+ * Small reads and writes run synchronously while they are fast: a pread or pwrite that the page
+ * cache serves costs a few microseconds on the event loop, against about nine of CPU and a thread
+ * hand-off each way through libuv's pool. One that is slow (the disk was involved, or the kernel
+ * throttled dirty pages) switches this layer to the pool for a while, so cold I/O keeps its
+ * concurrency and never holds the event loop for long.
  */
 import { execFile } from 'node:child_process';
+import { readSync, writeSync } from 'node:fs';
 import { constants, open, mkdir, readdir, rename, statfs, unlink, type FileHandle as NodeFileHandle } from 'node:fs/promises';
+
+/** Largest transfer tried synchronously. */
+const SYNC_IO_MAX_BYTES = 64 * 1024;
+/** A synchronous transfer slower than this says the page cache did not serve it. */
+const SYNC_IO_SLOW_MS = 0.2;
+/** How long to stay on the thread pool after a slow one. */
+const SYNC_IO_BACKOFF_MS = 100;
+
+/** Decides, per file layer, whether small transfers may run on the event loop now. */
+export class SyncIoPolicy {
+  #asyncUntil = 0;
+
+  /** Runs `transfer` synchronously if allowed and returns its result, else undefined. */
+  attempt(length: number, transfer: () => number): number | undefined {
+    if (length > SYNC_IO_MAX_BYTES) return undefined;
+    const started = performance.now();
+    if (started < this.#asyncUntil) return undefined;
+    const result = transfer();
+    const finished = performance.now();
+    if (finished - started > SYNC_IO_SLOW_MS) this.#asyncUntil = finished + SYNC_IO_BACKOFF_MS;
+    return result;
+  }
+}
 
 export interface FileHandle {
   /** Reads up to `length` bytes; fewer only at end of file. */
@@ -50,12 +80,17 @@ const FLAGS: Record<OpenMode, number> = {
 
 class NodeHandle implements FileHandle {
   readonly #handle: NodeFileHandle;
+  readonly #policy: SyncIoPolicy;
 
-  constructor(handle: NodeFileHandle) {
+  constructor(handle: NodeFileHandle, policy: SyncIoPolicy) {
     this.#handle = handle;
+    this.#policy = policy;
   }
 
   async read(buffer: Uint8Array, offset: number, length: number, position: number): Promise<number> {
+    const fd = this.#handle.fd;
+    const quick = this.#policy.attempt(length, () => readFully(fd, buffer, offset, length, position));
+    if (quick !== undefined) return quick;
     let done = 0;
     while (done < length) {
       const { bytesRead } = await this.#handle.read(buffer, offset + done, length - done, position + done);
@@ -66,6 +101,8 @@ class NodeHandle implements FileHandle {
   }
 
   async write(buffer: Uint8Array, offset: number, length: number, position: number): Promise<void> {
+    const fd = this.#handle.fd;
+    if (this.#policy.attempt(length, () => writeFully(fd, buffer, offset, length, position)) !== undefined) return;
     let done = 0;
     while (done < length) {
       const { bytesWritten } = await this.#handle.write(buffer, offset + done, length - done, position + done);
@@ -90,12 +127,29 @@ class NodeHandle implements FileHandle {
   }
 }
 
+function readFully(fd: number, buffer: Uint8Array, offset: number, length: number, position: number): number {
+  let done = 0;
+  while (done < length) {
+    const read = readSync(fd, buffer, offset + done, length - done, position + done);
+    if (read === 0) break;
+    done += read;
+  }
+  return done;
+}
+
+function writeFully(fd: number, buffer: Uint8Array, offset: number, length: number, position: number): number {
+  let done = 0;
+  while (done < length) done += writeSync(fd, buffer, offset + done, length - done, position + done);
+  return done;
+}
+
 /** The FileLayer over node:fs/promises. */
 export function nodeFileLayer(): FileLayer {
   let fallocateMissing = false;
+  const policy = new SyncIoPolicy();
   return {
     async open(path, mode) {
-      return new NodeHandle(await open(path, FLAGS[mode], 0o600));
+      return new NodeHandle(await open(path, FLAGS[mode], 0o600), policy);
     },
     rename,
     unlink,
