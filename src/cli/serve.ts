@@ -1,6 +1,9 @@
 /**
  * `clonebd serve`: opens (or creates) the pool and serves every volume and snapshot in it over
  * NBD until SIGTERM or SIGINT, then shuts down gracefully.
+ *
+ * The TCP listener and `--socket` are public: the TLS mode and the access policy apply there. The
+ * NBD socket inside the pool is owner-only (0600), like the admin socket, and trusted.
  */
 import { homedir } from 'node:os';
 import { join } from 'node:path';
@@ -8,12 +11,23 @@ import { mkdir, readdir } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { AddressInfo } from 'node:net';
 import { AdminServer } from '../control/admin-server.js';
-import { NbdServer } from '../server/index.js';
+import {
+  AccessPolicy,
+  NbdServer,
+  checkServerSettings,
+  loadAccessFile,
+  loadTlsCredentials,
+  parseAccessConfig,
+  type ServerLimits,
+  type ServerTls,
+  type TlsFiles,
+  type TlsMode,
+} from '../server/index.js';
 import { Pool } from '../store/index.js';
 import { OperationError } from '../util/errors.js';
 import { Registry } from '../util/metrics.js';
 import { poolGauges, startMetricsEndpoint } from './metrics-endpoint.js';
-import { parseListen, type HostPort } from './parse.js';
+import { parseListen, parseSize, type HostPort } from './parse.js';
 
 export const DEFAULT_LISTEN = '127.0.0.1:10809';
 export const DEFAULT_VOLUME_NAME = 'default';
@@ -48,6 +62,62 @@ export interface ServeOptions {
   /** Also serve the admin API over TCP here, to requests carrying `adminToken`. */
   adminListen?: string;
   adminToken?: string;
+  /** Default 'off'. */
+  tls?: TlsMode;
+  tlsFiles?: TlsFiles;
+  /** Path of a JSON access file, or the access configuration itself (from a config file). */
+  access?: unknown;
+  limits?: Partial<ServerLimits>;
+}
+
+export const TLS_MODES = ['off', 'optional', 'require'] as const;
+
+// Coercions for serve's limit options: each turns what yargs parsed into the value the limit takes.
+
+export function sizeArg(text: string | undefined): number | undefined {
+  return text === undefined ? undefined : parseSize(String(text));
+}
+
+export function countArg(option: string): (value: unknown) => number | undefined {
+  return (value) => {
+    if (value === undefined) return undefined;
+    if (typeof value !== 'number' || !Number.isInteger(value)) throw new Error(`invalid ${option} "${String(value)}": expected a whole number`);
+    return value;
+  };
+}
+
+/** A duration in seconds (fractions allowed), as milliseconds. */
+export function secondsArg(option: string): (value: unknown) => number | undefined {
+  return (value) => {
+    if (value === undefined) return undefined;
+    const seconds = typeof value === 'number' ? value : typeof value === 'string' && value.trim() !== '' ? Number(value) : NaN;
+    if (!Number.isFinite(seconds) || seconds < 0) {
+      throw new Error(`invalid ${option} "${String(value)}": expected seconds, e.g. 10 or 0.5 (0 turns it off)`);
+    }
+    return Math.round(seconds * 1000);
+  };
+}
+
+/** The entries whose value was given, so the defaults fill in the rest. */
+export function definedOnly<T extends object>(values: { [K in keyof T]: T[K] | undefined }): Partial<T> {
+  return Object.fromEntries(Object.entries(values).filter(([, value]) => value !== undefined)) as Partial<T>;
+}
+
+async function tlsSettings(options: ServeOptions): Promise<ServerTls> {
+  const mode = options.tls ?? 'off';
+  const files = options.tlsFiles ?? {};
+  const given = Object.entries(files).filter(([, path]) => path !== undefined).map(([name]) => `--tls-${name}`);
+  if (mode === 'off') {
+    if (given.length > 0) throw new OperationError('EINVAL', `${given.join(', ')} given but TLS is off: add --tls require (or optional)`);
+    return { mode };
+  }
+  return { mode, credentials: await loadTlsCredentials(files) };
+}
+
+async function accessPolicy(access: unknown): Promise<AccessPolicy | undefined> {
+  if (access === undefined) return undefined;
+  if (typeof access === 'string') return loadAccessFile(access);
+  return parseAccessConfig(access, 'access (from the config file)');
 }
 
 export async function serve(options: ServeOptions, logger: Logger): Promise<void> {
@@ -57,6 +127,15 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
     throw new OperationError('EINVAL', 'the admin API listens on TCP only with a token (--admin-token-file or CLONEBD_ADMIN_TOKEN)');
   }
   const metricsAddress: HostPort | undefined = options.metrics === undefined ? undefined : parseListen(options.metrics);
+  const tls = await tlsSettings(options);
+  const access = await accessPolicy(options.access);
+  const settings = {
+    tls,
+    ...(access === undefined ? {} : { access }),
+    ...(options.limits === undefined ? {} : { limits: options.limits }),
+  };
+  // Refused settings must not leave a new pool behind.
+  checkServerSettings(settings);
   const isNewPool = (await readdir(options.pool).catch(() => [])).length === 0;
   await mkdir(options.pool, { recursive: true });
   const pool = await Pool.open(options.pool, {
@@ -68,7 +147,7 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
     logger.info({ volume: DEFAULT_VOLUME_NAME, size: DEFAULT_VOLUME_SIZE }, 'created the demo volume');
   }
   const registry = metricsAddress === undefined ? undefined : new Registry();
-  const server = new NbdServer({ catalog: pool, logger: logger.child({ component: 'nbd' }), metrics: registry });
+  const server = new NbdServer({ catalog: pool, logger: logger.child({ component: 'nbd' }), metrics: registry, ...settings });
   const admin = new AdminServer({ store: pool, attachments: server, logger: logger.child({ component: 'admin' }) });
   let address: AddressInfo;
   let adminTcpAddress: AddressInfo | undefined;
@@ -76,7 +155,7 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
   try {
     address = (await server.listen(tcp)) as AddressInfo;
     if (options.socket !== undefined) await server.listen({ path: options.socket });
-    await server.listen({ path: nbdSocketPath(options.pool) });
+    await server.listen({ path: nbdSocketPath(options.pool) }, { trusted: true, mode: 0o600 });
     await admin.listen(adminSocketPath(options.pool));
     const adminTcp =
       adminAddress === undefined ? undefined : await admin.listenTcp(adminAddress.host, adminAddress.port, options.adminToken!);
@@ -106,7 +185,7 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
   // level, unless logging is off altogether.
   const announcer = logger.level === 'silent' ? logger : logger.child({}, { level: 'info' });
   announcer.info(
-    { pool: options.pool, address: address.address, port: address.port, socket: options.socket, admin: adminSocketPath(options.pool), adminTcp: adminTcpAddress, metrics: metricsEndpoint?.address },
+    { pool: options.pool, address: address.address, port: address.port, socket: options.socket, tls: tls.mode, admin: adminSocketPath(options.pool), adminTcp: adminTcpAddress, metrics: metricsEndpoint?.address },
     'listening',
   );
   await stopped;

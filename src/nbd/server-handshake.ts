@@ -10,7 +10,16 @@
  * send and, once decided, the outcome. It never blocks and never buffers more than one option's
  * data, which is capped: larger option data is discarded as it arrives and refused.
  *
- * Only NOTLS mode is implemented, so STARTTLS is answered with NBD_REP_ERR_UNSUP.
+ * TLS modes (the spec's names in brackets), fixed for the life of a connection:
+ *   off      [NOTLS]         STARTTLS gets NBD_REP_ERR_POLICY; nothing gets NBD_REP_ERR_TLS_REQD.
+ *   require  [FORCEDTLS]     before TLS every option but STARTTLS and ABORT gets ERR_TLS_REQD,
+ *                            EXPORT_NAME closes, and a client without fixed newstyle is closed.
+ *   optional [SELECTIVETLS]  before TLS, INFO/GO naming an export the catalog does not show get
+ *                            ERR_TLS_REQD (TLS may reveal it; unknown names look the same, so
+ *                            names cannot be probed); after TLS they get ERR_UNKNOWN.
+ * An ACKed STARTTLS ends in the `starttls` outcome: the caller stops feeding plain bytes, runs the
+ * TLS handshake and calls `secured()` with the catalog the authenticated peer may see. Until then
+ * `advance` consumes nothing. `secured` forgets every negotiated option, as the spec demands.
  */
 import { ByteQueue, writeU64 } from './byte-queue.js';
 import * as C from './constants.js';
@@ -33,7 +42,10 @@ export interface BlockSizes {
   maximum: number;
 }
 
+export type TlsMode = 'off' | 'optional' | 'require';
+
 export interface HandshakeOptions {
+  /** The exports a peer sees before TLS (or without it). */
   catalog: HandshakeCatalog;
   /** The export an empty name selects. */
   defaultExportName: string;
@@ -42,6 +54,8 @@ export interface HandshakeOptions {
   maxOptionLength: number;
   /** True while the server is shutting down: options get NBD_REP_ERR_SHUTDOWN. */
   shuttingDown?: () => boolean;
+  /** Default 'off'. */
+  tls?: TlsMode;
 }
 
 /** The meta context id of `base:allocation`, the only context served. */
@@ -57,7 +71,9 @@ export interface NegotiatedExport {
 
 export type HandshakeOutcome =
   | { kind: 'transmission'; negotiated: NegotiatedExport }
-  | { kind: 'close'; reason: string };
+  | { kind: 'close'; reason: string }
+  /** STARTTLS was acknowledged: every further byte, both ways, is TLS. */
+  | { kind: 'starttls' };
 
 export interface HandshakeStep {
   output: Buffer[];
@@ -72,6 +88,7 @@ type State =
   | { kind: 'optionHeader' }
   | { kind: 'optionData'; option: number; length: number }
   | { kind: 'skipping'; option: number; remaining: number }
+  | { kind: 'awaitingTls' }
   | { kind: 'done' };
 
 export function transmissionFlagsFor(exp: HandshakeExport, structuredReplies: boolean): number {
@@ -92,7 +109,10 @@ export function transmissionFlagsFor(exp: HandshakeExport, structuredReplies: bo
 
 export class ServerHandshake {
   readonly #options: HandshakeOptions;
+  #tlsMode: TlsMode;
+  #catalog: HandshakeCatalog;
   #state: State = { kind: 'clientFlags' };
+  #tlsActive = false;
   #noZeroes = false;
   #structuredReplies = false;
   /** Export name the last SET_META_CONTEXT referred to, and what it selected. */
@@ -101,6 +121,24 @@ export class ServerHandshake {
 
   constructor(options: HandshakeOptions) {
     this.#options = options;
+    this.#tlsMode = options.tls ?? 'off';
+    this.#catalog = options.catalog;
+  }
+
+  /** TLS is up (after a `starttls` outcome): options resume over it, with no state kept. */
+  secured(catalog: HandshakeCatalog): void {
+    if (this.#state.kind !== 'awaitingTls') throw new Error('secured() without an acknowledged STARTTLS');
+    this.#tlsActive = true;
+    this.#catalog = catalog;
+    this.#structuredReplies = false;
+    this.#metaExportName = undefined;
+    this.#metaContexts = new Map();
+    this.#state = { kind: 'optionHeader' };
+  }
+
+  /** Before TLS in require mode, nothing but STARTTLS and ABORT is served. */
+  get #tlsRequired(): boolean {
+    return this.#tlsMode === 'require' && !this.#tlsActive;
   }
 
   greeting(): Buffer {
@@ -117,6 +155,7 @@ export class ServerHandshake {
       const state = this.#state;
       switch (state.kind) {
         case 'done':
+        case 'awaitingTls':
           return { output };
         case 'clientFlags': {
           if (queue.length < 4) return { output };
@@ -124,6 +163,12 @@ export class ServerHandshake {
           if ((flags & ~KNOWN_CLIENT_FLAGS) !== 0) {
             return this.#close(output, `unknown client flags 0x${flags.toString(16)}`);
           }
+          if (this.#tlsMode === 'require' && (flags & C.NBD_FLAG_C_FIXED_NEWSTYLE) === 0) {
+            // Without fixed newstyle there is no STARTTLS, and nothing may be served in plain.
+            return this.#close(output, 'TLS is required and the client cannot negotiate it');
+          }
+          // The spec allows TLS only after fixed newstyle was agreed.
+          if ((flags & C.NBD_FLAG_C_FIXED_NEWSTYLE) === 0) this.#tlsMode = 'off';
           this.#noZeroes = (flags & C.NBD_FLAG_C_NO_ZEROES) !== 0;
           this.#state = { kind: 'optionHeader' };
           break;
@@ -148,7 +193,11 @@ export class ServerHandshake {
           if (state.option === C.NBD_OPT_EXPORT_NAME) {
             return this.#close(output, 'export name too long');
           }
-          output.push(optionReply(state.option, C.NBD_REP_ERR_TOO_BIG, errorText('option data too large')));
+          output.push(
+            this.#tlsRequired && state.option !== C.NBD_OPT_STARTTLS && state.option !== C.NBD_OPT_ABORT
+              ? tlsRequired(state.option)
+              : optionReply(state.option, C.NBD_REP_ERR_TOO_BIG, errorText('option data too large')),
+          );
           this.#state = { kind: 'optionHeader' };
           break;
         }
@@ -158,7 +207,7 @@ export class ServerHandshake {
           this.#state = { kind: 'optionHeader' };
           const outcome = this.#handleOption(state.option, data, output);
           if (outcome !== undefined) {
-            this.#state = { kind: 'done' };
+            this.#state = outcome.kind === 'starttls' ? { kind: 'awaitingTls' } : { kind: 'done' };
             return { output, outcome };
           }
           break;
@@ -173,6 +222,12 @@ export class ServerHandshake {
   }
 
   #handleOption(option: number, data: Buffer, output: Buffer[]): HandshakeOutcome | undefined {
+    if (this.#tlsRequired && option !== C.NBD_OPT_STARTTLS && option !== C.NBD_OPT_ABORT) {
+      // EXPORT_NAME cannot be refused politely, and must not be served in plain.
+      if (option === C.NBD_OPT_EXPORT_NAME) return { kind: 'close', reason: 'EXPORT_NAME before the required TLS' };
+      output.push(tlsRequired(option));
+      return undefined;
+    }
     if (this.#options.shuttingDown?.() && option !== C.NBD_OPT_ABORT) {
       if (option === C.NBD_OPT_EXPORT_NAME) return { kind: 'close', reason: 'server shutting down' };
       output.push(optionReply(option, C.NBD_REP_ERR_SHUTDOWN, errorText('server is shutting down')));
@@ -187,6 +242,8 @@ export class ServerHandshake {
       case C.NBD_OPT_LIST:
         this.#list(data, output);
         return undefined;
+      case C.NBD_OPT_STARTTLS:
+        return this.#startTls(data, output);
       case C.NBD_OPT_INFO:
       case C.NBD_OPT_GO:
         return this.#infoOrGo(option, data, output);
@@ -208,8 +265,20 @@ export class ServerHandshake {
     }
   }
 
+  #startTls(data: Buffer, output: Buffer[]): HandshakeOutcome | undefined {
+    const refuse = (type: number, message: string): undefined => {
+      output.push(optionReply(C.NBD_OPT_STARTTLS, type, errorText(message)));
+      return undefined;
+    };
+    if (this.#tlsActive) return refuse(C.NBD_REP_ERR_INVALID, 'TLS is already active');
+    if (data.length !== 0) return refuse(C.NBD_REP_ERR_INVALID, 'option takes no data');
+    if (this.#tlsMode === 'off') return refuse(C.NBD_REP_ERR_POLICY, 'TLS is not enabled on this server');
+    output.push(optionReply(C.NBD_OPT_STARTTLS, C.NBD_REP_ACK));
+    return { kind: 'starttls' };
+  }
+
   #resolve(name: string): HandshakeExport | undefined {
-    return this.#options.catalog.describe(name === '' ? this.#options.defaultExportName : name);
+    return this.#catalog.describe(name === '' ? this.#options.defaultExportName : name);
   }
 
   #exportName(data: Buffer, output: Buffer[]): HandshakeOutcome {
@@ -239,7 +308,7 @@ export class ServerHandshake {
       output.push(optionReply(C.NBD_OPT_LIST, C.NBD_REP_ERR_INVALID, errorText('option takes no data')));
       return;
     }
-    for (const exp of this.#options.catalog.list()) {
+    for (const exp of this.#catalog.list()) {
       // The bytes after the name are free-form; libnbd clients show them as the description.
       const name = Buffer.from(exp.name, 'utf8');
       const description = Buffer.from(exp.description, 'utf8');
@@ -260,7 +329,11 @@ export class ServerHandshake {
     }
     const exp = this.#resolve(request.name);
     if (exp === undefined) {
-      output.push(optionReply(option, C.NBD_REP_ERR_UNKNOWN, errorText(`no export named "${request.name}"`)));
+      output.push(
+        this.#tlsMode === 'optional' && !this.#tlsActive
+          ? tlsRequired(option, `no export named "${request.name}" without TLS`)
+          : optionReply(option, C.NBD_REP_ERR_UNKNOWN, errorText(`no export named "${request.name}"`)),
+      );
       return undefined;
     }
     const negotiated = this.#negotiated(exp, request.name);
@@ -347,6 +420,10 @@ export function optionReply(option: number, type: number, payload?: Buffer): Buf
 
 function errorText(message: string): Buffer {
   return Buffer.from(message, 'utf8');
+}
+
+function tlsRequired(option: number, message = 'TLS is required: send NBD_OPT_STARTTLS first'): Buffer {
+  return optionReply(option, C.NBD_REP_ERR_TLS_REQD, errorText(message));
 }
 
 function withInfoType(type: number, body: Buffer): Buffer {

@@ -9,6 +9,15 @@
  * payload (≤ maxPayload) is being received.
  *
  *   handshake ──► opening ──► transmission ──► draining (DISC, shutdown) ──► closed
+ *     │    ▲
+ *     ▼    │ secured (options start afresh)
+ *      tls
+ *
+ * STARTTLS: once its ACK is written, not one more plain byte is read as NBD. Bytes that arrived
+ * behind the STARTTLS option were sent before the client could see the ACK, so the connection is
+ * dropped for them; anything arriving later belongs to the TLS handshake. From then on every byte
+ * both ways goes through the TLS socket. The handshake deadline runs from accept to transmission,
+ * the TLS handshake included.
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
@@ -24,6 +33,7 @@ import {
   offsetDataHeader,
   offsetHoleChunk,
   simpleReply,
+  type HandshakeCatalog,
   type HandshakeOptions,
   type NbdRequest,
   type NegotiatedExport,
@@ -33,20 +43,20 @@ import * as C from '../nbd/constants.js';
 import type { BlockDevice, ExportCatalog, ReadPiece } from '../store/types.js';
 import type { ExportMetrics, ServerMetrics } from './metrics.js';
 import { OperationError } from '../util/errors.js';
-
-export interface SessionLimits {
-  maxInFlightRequests: number;
-  maxInFlightBytes: number;
-  maxPayload: number;
-  /** Most descriptors one BLOCK_STATUS reply carries. */
-  maxStatusDescriptors: number;
-}
+import type { Peer } from './access.js';
+import type { SessionLimits } from './limits.js';
+import type { SecuredSocket, TlsUpgrader } from './tls.js';
 
 export interface SessionContext {
   catalog: ExportCatalog;
   logger: Logger;
   limits: SessionLimits;
+  /** Its catalog is what the peer sees before TLS, or without it. */
   handshake: HandshakeOptions;
+  /** Present when the handshake may acknowledge STARTTLS. */
+  tls?: TlsUpgrader;
+  /** What a peer that proved itself over TLS sees. */
+  catalogFor: (peer: Peer) => HandshakeCatalog;
   metrics?: ServerMetrics;
 }
 
@@ -61,7 +71,7 @@ const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
   [C.NBD_CMD_BLOCK_STATUS]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_REQ_ONE,
 };
 
-type Phase = 'handshake' | 'opening' | 'transmission' | 'draining' | 'closed';
+type Phase = 'handshake' | 'tls' | 'opening' | 'transmission' | 'draining' | 'closed';
 
 /** A request refused before it reached storage. */
 class RequestRejected {
@@ -72,7 +82,10 @@ class RequestRejected {
 }
 
 export class Session {
-  readonly #socket: Socket;
+  /** The accepted connection; its 'close' is the end of the session. */
+  readonly #raw: Socket;
+  /** Where NBD bytes go: `#raw`, or the TLS socket over it after STARTTLS. */
+  #socket: Socket;
   readonly #context: SessionContext;
   readonly #log: Logger;
   readonly #queue = new ByteQueue();
@@ -88,8 +101,18 @@ export class Session {
   #writeBlocked = false;
   #shuttingDown = false;
   #drainWaiters: (() => void)[] = [];
+  #handshakeTimer: NodeJS.Timeout | undefined;
+  readonly #onData = (chunk: Buffer): void => {
+    this.#queue.push(chunk);
+    this.#pump();
+  };
+  readonly #onDrain = (): void => {
+    this.#writeBlocked = false;
+    this.#pump();
+  };
 
   constructor(socket: Socket, context: SessionContext, id: number) {
+    this.#raw = socket;
     this.#socket = socket;
     this.#context = context;
     this.#log = context.logger.child({ conn: id });
@@ -97,16 +120,16 @@ export class Session {
     this.#parser = new RequestParser(context.limits.maxPayload);
     this.#closed = new Promise((resolve) => socket.once('close', () => resolve()));
     socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => {
-      this.#queue.push(chunk);
-      this.#pump();
-    });
-    socket.on('drain', () => {
-      this.#writeBlocked = false;
-      this.#pump();
-    });
+    socket.on('data', this.#onData);
+    socket.on('drain', this.#onDrain);
     socket.on('error', (error) => this.#log.debug({ err: error }, 'socket error'));
     socket.on('close', () => void this.#finish());
+    if (context.limits.handshakeTimeoutMs > 0) {
+      this.#handshakeTimer = setTimeout(() => {
+        this.#log.info({ seconds: context.limits.handshakeTimeoutMs / 1000 }, 'handshake not finished in time; dropping the connection');
+        this.#abort();
+      }, context.limits.handshakeTimeoutMs);
+    }
     this.#log.info({ remote: socket.remoteAddress ?? 'unix' }, 'connection opened');
     socket.write(this.#handshake.greeting());
   }
@@ -127,7 +150,9 @@ export class Session {
   /** Graceful end: refuse new work, finish what is in flight, flush, close. */
   async shutdown(): Promise<void> {
     this.#shuttingDown = true;
-    if (this.#phase === 'handshake' || this.#phase === 'opening') {
+    if (this.#phase === 'tls') {
+      this.#abort();
+    } else if (this.#phase === 'handshake' || this.#phase === 'opening') {
       this.#endSocket();
     } else if (this.#phase === 'transmission') {
       await this.#drainAndClose();
@@ -143,6 +168,8 @@ export class Session {
         this.#log.info({ reason: step.outcome.reason }, 'handshake ended');
         this.#phase = 'closed';
         this.#socket.end();
+      } else if (step.outcome?.kind === 'starttls') {
+        void this.#startTls();
       } else if (step.outcome?.kind === 'transmission') {
         this.#negotiated = step.outcome.negotiated;
         this.#phase = 'opening';
@@ -181,6 +208,55 @@ export class Session {
     );
   }
 
+  /** Drops the connection at once, TLS or not. */
+  #abort(): void {
+    this.#phase = 'closed';
+    this.#socket.destroy();
+    this.#raw.destroy();
+  }
+
+  async #startTls(): Promise<void> {
+    const upgrader = this.#context.tls;
+    if (upgrader === undefined) {
+      this.#log.error('STARTTLS was acknowledged on a connection without TLS credentials');
+      this.#abort();
+      return;
+    }
+    if (this.#queue.length > 0) {
+      this.#log.warn({ bytes: this.#queue.length }, 'plain bytes sent behind STARTTLS; dropping the connection');
+      this.#abort();
+      return;
+    }
+    this.#phase = 'tls';
+    const raw = this.#raw;
+    raw.off('data', this.#onData);
+    raw.off('drain', this.#onDrain);
+    raw.pause();
+    let secured: SecuredSocket;
+    try {
+      secured = await upgrader.upgrade(raw);
+    } catch (error) {
+      this.#log.info({ err: error }, 'TLS handshake failed');
+      this.#abort();
+      return;
+    }
+    const socket = secured.socket;
+    if (this.#phase !== 'tls') {
+      socket.destroy();
+      return;
+    }
+    this.#socket = socket;
+    this.#writeBlocked = false;
+    socket.on('data', this.#onData);
+    socket.on('drain', this.#onDrain);
+    socket.on('error', (error) => this.#log.debug({ err: error }, 'TLS socket error'));
+    socket.on('close', () => raw.destroy());
+    this.#handshake.secured(this.#context.catalogFor(secured.peer));
+    this.#phase = 'handshake';
+    this.#log.info({ protocol: secured.protocol, cipher: secured.cipher, peer: secured.peer.names }, 'TLS established');
+    this.#pump();
+  }
+
   async #open(negotiated: NegotiatedExport): Promise<void> {
     try {
       this.#device = await this.#context.catalog.open(negotiated.export.name);
@@ -200,8 +276,18 @@ export class Session {
     );
     this.#metrics = this.#context.metrics?.forExport(negotiated.export.name);
     this.#phase = 'transmission';
+    clearTimeout(this.#handshakeTimer);
+    const idleMs = this.#context.limits.idleTimeoutMs;
+    if (idleMs > 0) this.#socket.setTimeout(idleMs, () => this.#onIdle(idleMs));
     this.#socket.resume();
     this.#pump();
+  }
+
+  /** No bytes either way for the idle timeout: close, unless requests are still being served. */
+  #onIdle(idleMs: number): void {
+    if (this.#phase !== 'transmission' || this.#inFlightRequests > 0) return;
+    this.#log.info({ seconds: idleMs / 1000 }, 'connection idle; closing it');
+    void this.#drainAndClose();
   }
 
   async #drainAndClose(): Promise<void> {
@@ -225,6 +311,8 @@ export class Session {
   async #finish(): Promise<void> {
     const wasOpen = this.#device !== undefined;
     this.#phase = 'closed';
+    clearTimeout(this.#handshakeTimer);
+    this.#socket.destroy();
     await this.#whenDrained();
     const device = this.#device;
     this.#device = undefined;
@@ -287,7 +375,9 @@ export class Session {
       return new RequestRejected(C.NBD_EINVAL, 'DF needs structured replies');
     }
     const isWrite = type === C.NBD_CMD_WRITE || type === C.NBD_CMD_TRIM || type === C.NBD_CMD_WRITE_ZEROES;
-    if (isWrite && device.readOnly) return new RequestRejected(C.NBD_EPERM, 'export is read-only');
+    if (isWrite && (device.readOnly || negotiated.export.readOnly)) {
+      return new RequestRejected(C.NBD_EPERM, 'export is read-only');
+    }
     if (request.payloadTooLarge) {
       return new RequestRejected(C.NBD_EINVAL, `write of ${length} bytes exceeds the ${this.#context.limits.maxPayload}-byte limit`);
     }

@@ -8,8 +8,12 @@
  * Framing of replies needs one piece of context the wire does not carry: a simple reply to a
  * successful READ is followed by `length` bytes. The peer remembers the length of every READ it
  * sent (by cookie) until that request's reply is complete.
+ *
+ * `startTls` turns the connection into a TLS client after the server acknowledged STARTTLS;
+ * reads and writes then go through TLS, and the same scripted API carries on.
  */
 import { connect, type Socket } from 'node:net';
+import { connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import * as W from './wire.js';
 
 export const DEFAULT_TIMEOUT_MS = 5_000;
@@ -47,7 +51,7 @@ export interface ExportInfo {
 }
 
 export class RawPeer {
-  readonly #socket: Socket;
+  #socket: Socket;
   readonly #chunks: Buffer[] = [];
   #buffered = 0;
   #closed = false;
@@ -63,6 +67,10 @@ export class RawPeer {
   private constructor(socket: Socket, timeoutMs: number) {
     this.#socket = socket;
     this.timeoutMs = timeoutMs;
+    this.#listen(socket);
+  }
+
+  #listen(socket: Socket): void {
     socket.on('data', (chunk: Buffer) => {
       this.#chunks.push(chunk);
       this.#buffered += chunk.length;
@@ -80,9 +88,44 @@ export class RawPeer {
     });
   }
 
-  static connect(target: PeerTarget, timeoutMs = DEFAULT_TIMEOUT_MS): Promise<RawPeer> {
+  /**
+   * Runs a TLS client handshake over the connection (call it after reading the ACK to STARTTLS)
+   * and carries on over TLS. Rejects when the handshake fails or the server hangs up first.
+   */
+  async startTls(options: ConnectionOptions = {}, timeoutMs = this.timeoutMs): Promise<TLSSocket> {
+    if (this.#buffered > 0) throw new Error(`RawPeer: ${this.#buffered} unread plain bytes before the TLS handshake`);
+    const plain = this.#socket;
+    plain.removeAllListeners('data');
+    const secure = tlsConnect({ ...options, socket: plain });
+    this.#socket = secure;
+    this.#listen(secure);
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => finish(new PeerTimeoutError(`TLS handshake not done after ${timeoutMs} ms`)), timeoutMs);
+      const finish = (error?: Error): void => {
+        clearTimeout(timer);
+        secure.off('secureConnect', onSecure);
+        secure.off('error', onError);
+        secure.off('close', onClose);
+        if (error === undefined) resolve();
+        else reject(error);
+      };
+      const onSecure = (): void => finish();
+      const onError = (error: Error): void => finish(error);
+      const onClose = (): void => finish(new PeerClosedError('connection closed during the TLS handshake'));
+      secure.once('secureConnect', onSecure);
+      secure.once('error', onError);
+      secure.once('close', onClose);
+    });
+    return secure;
+  }
+
+  /** `localAddress` picks the source address, e.g. 127.0.0.2 to look like another host. */
+  static connect(target: PeerTarget, timeoutMs = DEFAULT_TIMEOUT_MS, options: { localAddress?: string } = {}): Promise<RawPeer> {
     return new Promise((resolve, reject) => {
-      const socket = 'path' in target ? connect(target.path) : connect(target.port, target.host);
+      const socket =
+        'path' in target
+          ? connect(target.path)
+          : connect({ port: target.port, host: target.host, ...(options.localAddress === undefined ? {} : { localAddress: options.localAddress }) });
       socket.setNoDelay(true);
       const timer = setTimeout(() => {
         socket.destroy();
