@@ -21,7 +21,7 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createHash, timingSafeEqual } from 'node:crypto';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { chmod, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { Labels, Pool, VolumeInfo, VolumeUsage } from '../store/index.js';
@@ -68,6 +68,11 @@ export class AdminServer {
 
   async listen(path: string): Promise<void> {
     await unlink(path).catch(() => undefined);
+    // Until the socket is owner-only, anyone could connect: such connections are dropped.
+    let ownerOnly = false;
+    this.#server.on('connection', (socket: Socket) => {
+      if (!ownerOnly) socket.destroy();
+    });
     await new Promise<void>((resolve, reject) => {
       this.#server.once('error', reject);
       this.#server.listen(path, () => {
@@ -76,6 +81,7 @@ export class AdminServer {
       });
     });
     await chmod(path, 0o600);
+    ownerOnly = true;
     this.#path = path;
   }
 

@@ -8,7 +8,7 @@
  * with no daemon, or a daemon that died, make their own.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFile } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it, type TestContext } from 'vitest';
 import {
@@ -336,6 +336,13 @@ describe('volume lifecycle', () => {
     // ...until one of them goes.
     expect(await show('survivor')).toMatchObject({ exclusiveBytes: MiB, sharedBytes: 0 });
     await qemuIo(qemuIoPath, 'survivor', ['read -P 0x88 0 1M'], true);
+  });
+
+  it('keeps the admin and pool NBD sockets owner-only', async () => {
+    for (const name of ['admin.sock', 'nbd.sock']) {
+      const mode = (await stat(join(server.pool, name))).mode & 0o777;
+      expect(mode.toString(8), name).toBe('600');
+    }
   });
 
   it('finds the daemon through CLONEBD_POOL when --pool is not given', async () => {
