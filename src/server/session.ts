@@ -101,6 +101,12 @@ export class Session {
   #writeBlocked = false;
   #shuttingDown = false;
   #drainWaiters: (() => void)[] = [];
+  /** Replies of one event-loop turn go out in one writev: the socket stays corked until then. */
+  #corked = false;
+  readonly #uncork = (): void => {
+    this.#corked = false;
+    this.#socket.uncork();
+  };
   #handshakeTimer: NodeJS.Timeout | undefined;
   readonly #onData = (chunk: Buffer): void => {
     this.#queue.push(chunk);
@@ -500,13 +506,16 @@ export class Session {
       release();
       return;
     }
-    this.#socket.cork();
+    if (!this.#corked) {
+      this.#corked = true;
+      this.#socket.cork();
+      setImmediate(this.#uncork);
+    }
     let accepted = true;
     buffers.forEach((buffer, index) => {
       const last = index === buffers.length - 1;
       accepted = this.#socket.write(buffer, last ? () => release() : undefined) && accepted;
     });
-    this.#socket.uncork();
     if (!accepted) this.#writeBlocked = true;
   }
 }

@@ -11,9 +11,10 @@
  *
  * Small reads and writes run synchronously while they are fast: a pread or pwrite that the page
  * cache serves costs a few microseconds on the event loop, against about nine of CPU and a thread
- * hand-off each way through libuv's pool. One that is slow (the disk was involved, or the kernel
- * throttled dirty pages) switches this layer to the pool for a while, so cold I/O keeps its
- * concurrency and never holds the event loop for long.
+ * hand-off each way through libuv's pool. When slow ones become frequent (the disk is involved, or
+ * the kernel throttles dirty pages) this layer switches to the pool for a while, so cold I/O keeps
+ * its concurrency and never holds the event loop for long. A lone slow one is only the process
+ * being descheduled on a busy machine, and does not count for much.
  */
 import { execFile } from 'node:child_process';
 import { readSync, writeSync } from 'node:fs';
@@ -23,12 +24,16 @@ import { constants, open, mkdir, readdir, rename, statfs, unlink, type FileHandl
 const SYNC_IO_MAX_BYTES = 64 * 1024;
 /** A synchronous transfer slower than this says the page cache did not serve it. */
 const SYNC_IO_SLOW_MS = 0.2;
-/** How long to stay on the thread pool after a slow one. */
+/** How long to stay on the thread pool once slow transfers are frequent. */
 const SYNC_IO_BACKOFF_MS = 100;
+/** The share of recent transfers that were slow, as a moving average, that means "frequent". */
+const SYNC_IO_SLOW_SHARE = 0.25;
+const SYNC_IO_AVERAGE_WEIGHT = 0.1;
 
 /** Decides, per file layer, whether small transfers may run on the event loop now. */
 export class SyncIoPolicy {
   #asyncUntil = 0;
+  #slowShare = 0;
 
   /** Runs `transfer` synchronously if allowed and returns its result, else undefined. */
   attempt(length: number, transfer: () => number): number | undefined {
@@ -37,7 +42,12 @@ export class SyncIoPolicy {
     if (started < this.#asyncUntil) return undefined;
     const result = transfer();
     const finished = performance.now();
-    if (finished - started > SYNC_IO_SLOW_MS) this.#asyncUntil = finished + SYNC_IO_BACKOFF_MS;
+    const slow = finished - started > SYNC_IO_SLOW_MS ? 1 : 0;
+    this.#slowShare += (slow - this.#slowShare) * SYNC_IO_AVERAGE_WEIGHT;
+    if (this.#slowShare > SYNC_IO_SLOW_SHARE) {
+      this.#asyncUntil = finished + SYNC_IO_BACKOFF_MS;
+      this.#slowShare = 0;
+    }
     return result;
   }
 }

@@ -21,9 +21,18 @@ describe('synchronous small I/O', () => {
     expect(ran).toBe(false);
   });
 
-  it('after a slow transfer, sends the next ones to the thread pool', () => {
+  it('shrugs off a lone slow transfer among fast ones', () => {
     const policy = new SyncIoPolicy();
+    for (let i = 0; i < 20; i++) policy.attempt(4096, () => 1);
     expect(policy.attempt(4096, () => busyFor(2))).toBe(7);
+    expect(policy.attempt(4096, () => 1)).toBe(1);
+  });
+
+  it('once slow transfers are frequent, sends the next ones to the thread pool', () => {
+    const policy = new SyncIoPolicy();
+    let synchronous = 0;
+    while (policy.attempt(4096, () => busyFor(1)) !== undefined) synchronous++;
+    expect(synchronous, 'slow transfers run on the event loop before it gives up').toBeLessThanOrEqual(4);
     let ran = false;
     expect(policy.attempt(4096, () => ((ran = true), 1))).toBeUndefined();
     expect(ran).toBe(false);
