@@ -28,6 +28,11 @@ export class AdminClient {
     return this.#call('GET', '/v1/pool');
   }
 
+  /** Waits until the pool's background work (compaction, hole punching) is done. */
+  waitIdle(): Promise<PoolUsage> {
+    return this.#call('POST', '/v1/pool/idle');
+  }
+
   listVolumes(): Promise<VolumeView[]> {
     return this.#call('GET', '/v1/volumes');
   }

@@ -39,7 +39,7 @@ export interface VolumeView extends VolumeInfo {
 /** What the admin API needs of the store. */
 export type AdminStore = Pick<
   Pool,
-  'createVolume' | 'snapshot' | 'clone' | 'grow' | 'flatten' | 'delete' | 'volumes' | 'info' | 'usage'
+  'createVolume' | 'snapshot' | 'clone' | 'grow' | 'flatten' | 'delete' | 'volumes' | 'info' | 'usage' | 'idle'
 >;
 
 export interface Attachments {
@@ -148,6 +148,12 @@ export class AdminServer {
 
   readonly #routes: Readonly<Record<string, Route>> = {
     'GET pool': async () => this.#options.store.usage(),
+    // Background work (compaction, hole punching) done: what is on disk is what the pool says.
+    'POST pool/:name': async (_request, _response, action) => {
+      if (action !== 'idle') throw new OperationError('ENOENT', `no such endpoint POST /v1/pool/${action}`);
+      await this.#options.store.idle();
+      return this.#options.store.usage();
+    },
     'GET volumes': async () => {
       const usage = await this.#options.store.usage();
       return this.#options.store.volumes().map((volume) => this.#view(volume, usage.volumes));

@@ -39,7 +39,9 @@ export type MetaRecord =
    * Flatten or compaction finished: the volume's head takes `parent` as its parent (null: no
    * ancestors; absent in older journals: null), dropping the layers in between.
    */
-  | { op: 'detach'; name: string; parent?: number | null };
+  | { op: 'detach'; name: string; parent?: number | null }
+  /** Compaction: frozen `layer` is folded into its only child `into` (see pool.ts). */
+  | { op: 'fold'; layer: number; into: number };
 
 const ASSIGN = 1;
 const JSON_RECORD = 2;

@@ -20,15 +20,22 @@
  *
  * Lifetimes: a layer is referenced by the volume or snapshot naming it and by each layer whose
  * parent it is; at zero it leaves the metadata, and its file is removed once that change is
- * durable. Deleting a snapshot or clone can leave frozen layers that only one head still reads
- * through (a volume snapshotted and cloned many times over would otherwise collect one per copy,
- * each with a file descriptor and a map); compaction folds them: the blocks the head still reads
- * from them are copied into the head, like a flatten of just those layers, and the head is
- * re-parented past them. The root layer is never folded: it usually holds the bulk of the data. A
- * fold runs in the background and gives up if the head is frozen meanwhile (a snapshot or clone
- * of the volume); layers that then sit under a live copy stay until that copy is deleted too. A layer's data file is only written while it is a head, and only blocks its own map
+ * durable. Deleting a snapshot or clone can leave frozen layers that nothing names and only one
+ * layer descends from (a volume snapshotted and cloned many times over would otherwise collect one
+ * per copy, each with a file descriptor and a map); compaction folds each into that child:
+ * - child a head: the blocks the head still reads from it are copied into the head under the
+ *   volume's gate, step by step like a flatten, then the head is re-parented past it;
+ * - child frozen: the blocks the child's map reads from it are copied into the child's file, where
+ *   they are holes (a frozen layer's file only ever holds blocks its own map claims, and those are
+ *   never these), with no gate: both layers are immutable. Then, with the gates of every volume
+ *   reading through the child held, one journal record points every map below the child at the
+ *   child instead and re-parents the child. A frozen layer's file is thus written after it froze,
+ *   but only at places no map read from it before.
+ * The root layer is never folded: it usually holds the bulk of the data. Compaction runs in the
+ * background, after deletions and at open, and gives up on a layer if the tree changes under it. A layer's data file is only written while it is a head, and only blocks its own map
  * points at are ever read from it; so a block a head no longer maps (overwritten elsewhere,
- * trimmed) is garbage, and hole punching may take it back at any later time.
+ * trimmed) is garbage, and hole punching may take it back at any later time (compaction's copies
+ * into a frozen layer land where its map reads another layer, never where a trim was recorded).
  *
  * Concurrency per volume: I/O enters its Gate shared; snapshot, clone, grow, delete, flatten
  * steps and hole punching hold it exclusive. A partial-block write over a block the head does
@@ -883,6 +890,12 @@ export class Pool implements ExportCatalog {
         this.#volumes.delete(record.name);
         return this.#release(volume.layer);
       }
+      case 'fold': {
+        const layer = this.#layers.get(record.layer);
+        const child = this.#layers.get(record.into);
+        if (layer === undefined || child === undefined) throw new Error(`fold of unknown layers ${record.layer} into ${record.into}`);
+        return this.#applyFold(layer, child);
+      }
       case 'detach': {
         const head = this.#existing(record.name).layer;
         const parent = head.parent;
@@ -1218,14 +1231,21 @@ export class Pool implements ExportCatalog {
       return;
     }
     this.#compacting = (async () => {
+      const failed = (error: unknown): void => {
+        if (!this.#closed) this.#log?.warn({ err: error }, 'compaction failed; the layers stay');
+      };
       do {
         this.#compactAgain = false;
         for (const volume of [...this.#volumes.values()]) {
           if (this.#closed) return;
           if (volume.kind !== 'volume' || volume.deleted) continue;
-          await this.#fold(volume).catch((error: unknown) => {
-            if (!this.#closed) this.#log?.warn({ err: error, volume: volume.name }, 'compaction failed; the layers stay');
-          });
+          await this.#fold(volume).catch(failed);
+        }
+        const tried = new Set<Layer>();
+        for (let next = this.#frozenFoldable(tried); next !== undefined; next = this.#frozenFoldable(tried)) {
+          if (this.#closed) return;
+          tried.add(next.layer);
+          await this.#foldFrozen(next.layer, next.child).catch(failed);
         }
       } while (this.#compactAgain);
     })().finally(() => (this.#compacting = undefined));
@@ -1258,6 +1278,113 @@ export class Pool implements ExportCatalog {
     await this.flush();
     await this.#removeLayerFiles(freed);
     this.#log?.debug({ volume: volume.name, layers: freed.map((layer) => layer.id) }, 'folded layers');
+  }
+
+  /** A frozen, non-root layer nothing names, with exactly one child, itself frozen. */
+  #frozenFoldable(skip: ReadonlySet<Layer>): { layer: Layer; child: Layer } | undefined {
+    const children = new Map<Layer, Layer[]>();
+    for (const layer of this.#layers.values()) {
+      if (layer.parent === null) continue;
+      const siblings = children.get(layer.parent);
+      if (siblings === undefined) children.set(layer.parent, [layer]);
+      else siblings.push(layer);
+    }
+    for (const [layer, [child, ...others]] of children) {
+      if (skip.has(layer) || others.length > 0 || child === undefined) continue;
+      if (layer.refs === 1 && layer.owner === null && layer.parent !== null && child.owner === null) return { layer, child };
+    }
+    return undefined;
+  }
+
+  #stillFrozenFoldable(layer: Layer, child: Layer): boolean {
+    return this.#layers.get(layer.id) === layer && layer.refs === 1 && child.parent === layer && child.owner === null;
+  }
+
+  /** Volumes whose layer is `layer` or descends from it: those reading through its map. */
+  #volumesUnder(layer: Layer): Volume[] {
+    const under = (at: Layer | null): boolean => {
+      for (; at !== null; at = at.parent) if (at === layer) return true;
+      return false;
+    };
+    return [...this.#volumes.values()].filter((volume) => under(volume.layer)).sort((a, b) => (a.name < b.name ? -1 : 1));
+  }
+
+  /** Runs `fn` with every volume's gate held exclusive, taken in name order. */
+  async #exclusiveAll<T>(volumes: readonly Volume[], fn: () => T | Promise<T>): Promise<T> {
+    const [first, ...rest] = volumes;
+    if (first === undefined) return fn();
+    return first.gate.exclusive(() => this.#exclusiveAll(rest, fn));
+  }
+
+  /** Folds frozen `layer` into its frozen only child (see the design comment). */
+  async #foldFrozen(layer: Layer, child: Layer): Promise<void> {
+    const runs: Array<[number, number]> = [];
+    child.map.extents(0, Infinity, (start, end, value) => {
+      if (value === layer.id) runs.push([start, end]);
+    });
+    for (const [start, end] of runs) {
+      for (let at = start; at < end; at += FLATTEN_STEP) {
+        if (this.#closed || !this.#stillFrozenFoldable(layer, child)) return;
+        const stop = Math.min(end, at + FLATTEN_STEP);
+        const reserved = this.#reserve(stop - at);
+        try {
+          const buffer = Buffer.allocUnsafe((stop - at) * BLOCK_SIZE);
+          await this.#readLayer(layer, buffer, at * BLOCK_SIZE);
+          const handle = await this.#file(child, true);
+          await handle.write(buffer, 0, buffer.length, at * BLOCK_SIZE);
+          this.#dirty.add(child.id);
+        } catch (error) {
+          throw ioError(error, `copying blocks into layer ${child.id}`);
+        } finally {
+          this.#reservedBlocks -= reserved;
+        }
+      }
+    }
+    const readers = this.#volumesUnder(child);
+    const freed = await this.#exclusiveAll(readers, () => {
+      const now = this.#volumesUnder(child);
+      const same = now.length === readers.length && now.every((volume, i) => volume === readers[i]);
+      if (this.#closed || !same || !this.#stillFrozenFoldable(layer, child)) return [];
+      return this.#record({ op: 'fold', layer: layer.id, into: child.id });
+    });
+    if (freed.length === 0) return;
+    await this.flush();
+    await this.#removeLayerFiles(freed);
+    this.#log?.debug({ layer: layer.id, into: child.id }, 'folded a frozen layer');
+  }
+
+  /** Points every map at or below `child` that reads `layer` at `child`, and drops `layer`. */
+  #applyFold(layer: Layer, child: Layer): Layer[] {
+    const remapped = new Map<BlockMap, BlockMap>();
+    const remap = (map: BlockMap): BlockMap => {
+      let result = remapped.get(map);
+      if (result !== undefined) return result;
+      const runs: Array<[number, number]> = [];
+      map.extents(0, Infinity, (start, end, value) => {
+        if (value === layer.id) runs.push([start, end]);
+      });
+      result = runs.reduce((next, [start, end]) => next.assign(start, end, child.id), map);
+      remapped.set(map, result);
+      return result;
+    };
+    for (const at of this.#layers.values()) {
+      let below = false;
+      for (let up: Layer | null = at; up !== null && !below; up = up.parent) below = up === child;
+      if (!below) continue;
+      if (at === child) {
+        const before = at.map.count(0, Infinity, child.id);
+        at.map = remap(at.map);
+        const gained = at.map.count(0, Infinity, child.id) - before;
+        child.blocks += gained;
+        this.#usedBlocks += gained;
+      } else {
+        at.map = remap(at.map);
+      }
+    }
+    const grandparent = layer.parent;
+    if (grandparent !== null) grandparent.refs++;
+    child.parent = grandparent;
+    return this.#release(layer);
   }
 
   // ---- hole punching -------------------------------------------------------------------------

@@ -22,8 +22,11 @@ type Step =
   | { op: 'flush' }
   | { op: 'grow'; target: number; by: number }
   | { op: 'flatten'; target: number }
+  /** Waits for background work, so crashes also land inside compactions. */
+  | { op: 'idle' }
   | { op: 'snapshot' | 'clone'; target: number; name: string }
-  | { op: 'delete'; target: number };
+  /** `spare`: a volume this step never deletes. */
+  | { op: 'delete'; target: number; spare?: string };
 
 interface ModelVolume {
   snapshot: boolean;
@@ -66,6 +69,7 @@ const step: fc.Arbitrary<Step> = fc.oneof(
   { arbitrary: fc.constant({ op: 'flush' as const }), weight: 2 },
   { arbitrary: fc.record({ op: fc.constant('grow' as const), target: fc.nat(7), by: fc.integer({ min: 1, max: 40 }).map((k) => k * KiB) }), weight: 1 },
   { arbitrary: fc.record({ op: fc.constant('flatten' as const), target: fc.nat(7) }), weight: 1 },
+  { arbitrary: fc.constant({ op: 'idle' as const }), weight: 1 },
   { arbitrary: fc.record({ op: fc.constantFrom('snapshot' as const, 'clone' as const), target: fc.nat(7), name: fc.constantFrom(...NAMES) }), weight: 2 },
   { arbitrary: fc.record({ op: fc.constant('delete' as const), target: fc.nat(7) }), weight: 1 },
 );
@@ -189,6 +193,9 @@ async function runUntilCrash(pool: Pool, files: MemoryFiles, steps: Step[]): Pro
           markFlushed(model);
           break;
         }
+        case 'idle':
+          await pool.idle();
+          break;
         case 'flatten': {
           const name = pick(model, s.target, true);
           if (name === undefined) break;
@@ -198,7 +205,7 @@ async function runUntilCrash(pool: Pool, files: MemoryFiles, steps: Step[]): Pro
         }
         case 'delete': {
           const name = pick(model, s.target, false);
-          if (name === undefined) break;
+          if (name === undefined || name === s.spare) break;
           pending = () => (model.get(name)!.uncertain = true);
           await handles.get(name)?.close();
           handles.delete(name);
@@ -245,6 +252,62 @@ async function verifyNoLeaks(pool: Pool, files: MemoryFiles): Promise<void> {
   expect(layerFiles.length, `layer files ${layerFiles.join(', ')} for ${layers} layers`).toBeLessThanOrEqual(layers);
 }
 
+/** Runs `steps` until the file system crashes at mutating call `crashAt`, recovers, and checks. */
+async function crashRun(steps: Step[], crashAt: number, seed: number, checkpointBytes: number): Promise<void> {
+  const files = new MemoryFiles();
+  const options = { files, checkpointBytes };
+  const pool = await Pool.open('/pool', options);
+  files.crashAfter(crashAt + 1);
+  const model = await runUntilCrash(pool, files, steps);
+  files.crash();
+  await pool.close().catch(() => undefined);
+  files.recover(rng(seed));
+  // The crashed process is gone, so its lock is stale.
+  files.remove('/pool/lock');
+  const reopened = await Pool.open('/pool', options);
+  try {
+    await verify(reopened, model);
+    // Opening starts a compaction: files of layers it folds go once it is done.
+    await reopened.idle();
+    await verify(reopened, model);
+    await verifyNoLeaks(reopened, files);
+    // The recovered pool keeps working and survives a clean close and another open.
+    const volume = [...model.keys()].find((name) => reopened.info(name)?.kind === 'volume');
+    if (volume !== undefined) {
+      const device = await reopened.open(volume);
+      await device.write(0, Buffer.alloc(Math.min(device.size, 5000), 0xee), true);
+    }
+  } finally {
+    await reopened.close();
+  }
+  files.remove('/pool/lock');
+  const again = await Pool.open('/pool', options);
+  await again.close();
+}
+
+/**
+ * One volume copied again and again under fresh names, copies deleted, and the background
+ * compaction given time to run: crashes land inside folds of heads and of frozen layers.
+ */
+const COPY_NAMES = ['c0', 'c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7'];
+const compactionStep: fc.Arbitrary<Step> = fc.oneof(
+  {
+    arbitrary: fc.record({
+      op: fc.constant('write' as const),
+      target: fc.nat(7),
+      at: fc.nat(1 << 20),
+      length: fc.integer({ min: 1, max: 12 * KiB }),
+      seed: fc.nat(255),
+      fua: fc.boolean(),
+    }),
+    weight: 6,
+  },
+  { arbitrary: fc.record({ op: fc.constantFrom('snapshot' as const, 'clone' as const), target: fc.nat(7), name: fc.constantFrom(...COPY_NAMES) }), weight: 4 },
+  { arbitrary: fc.record({ op: fc.constant('delete' as const), target: fc.nat(7), spare: fc.constant('a') }), weight: 3 },
+  { arbitrary: fc.constant({ op: 'idle' as const }), weight: 3 },
+  { arbitrary: fc.constant({ op: 'flush' as const }), weight: 1 },
+);
+
 describe('store crash consistency', () => {
   it('keeps every flushed write of volumes and clones across crashes at random points', async () => {
     await fc.assert(
@@ -253,36 +316,23 @@ describe('store crash consistency', () => {
         fc.nat(400),
         fc.integer({ min: 1, max: 0x7fffffff }),
         fc.constantFrom(1 << 30, 3000),
-        async (steps, crashAt, seed, checkpointBytes) => {
-          const files = new MemoryFiles();
-          const options = { files, checkpointBytes };
-          const pool = await Pool.open('/pool', options);
-          files.crashAfter(crashAt + 1);
-          const model = await runUntilCrash(pool, files, steps);
-          files.crash();
-          await pool.close().catch(() => undefined);
-          files.recover(rng(seed));
-          // The crashed process is gone, so its lock is stale.
-          files.remove('/pool/lock');
-          const reopened = await Pool.open('/pool', options);
-          try {
-            await verify(reopened, model);
-            await verifyNoLeaks(reopened, files);
-            // The recovered pool keeps working and survives a clean close and another open.
-            const volume = [...model.keys()].find((name) => reopened.info(name)?.kind === 'volume');
-            if (volume !== undefined) {
-              const device = await reopened.open(volume);
-              await device.write(0, Buffer.alloc(Math.min(device.size, 5000), 0xee), true);
-            }
-          } finally {
-            await reopened.close();
-          }
-          files.remove('/pool/lock');
-          const again = await Pool.open('/pool', options);
-          await again.close();
-        },
+        crashRun,
       ),
       { numRuns: 300 },
+    );
+  });
+
+  it('keeps every flushed write across crashes inside compactions', async () => {
+    const create: Step = { op: 'create', name: 'a', size: 64 * KiB };
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(compactionStep, { minLength: 10, maxLength: 60 }),
+        fc.integer({ min: 20, max: 800 }),
+        fc.integer({ min: 1, max: 0x7fffffff }),
+        fc.constantFrom(1 << 30, 3000),
+        (steps, crashAt, seed, checkpointBytes) => crashRun([create, ...steps], crashAt, seed, checkpointBytes),
+      ),
+      { numRuns: 200 },
     );
   });
 });

@@ -82,7 +82,7 @@ describe('compaction', () => {
     expect((await pool.usage()).layers).toBe(4);
   });
 
-  it('stops at a snapshot that still exists and folds past it once it goes', async () => {
+  it('folds a deleted snapshot\'s layer into the snapshot above it, then that one into the volume', async () => {
     const pool = await openPool();
     await pool.createVolume('a', MiB);
     const a = await pool.open('a');
@@ -96,12 +96,70 @@ describe('compaction', () => {
     await scatter(a, image, 9, 20);
     await pool.delete('s2');
     await pool.idle();
-    expect((await pool.usage()).layers, 's3 pins its layer: nothing folds').toBe(4);
+    expect((await pool.usage()).layers, 's2 folded into s3').toBe(3);
+    expect(sameBytes(await readBytes(await pool.open('s3'), 0, MiB), images.get('s3')!)).toBe('same');
     await pool.delete('s3');
     await pool.idle();
     expect((await pool.usage()).layers, 'only s1 (the root) and the head remain').toBe(2);
     expect(sameBytes(await readBytes(await pool.open('s1'), 0, MiB), images.get('s1')!)).toBe('same');
     expect(sameBytes(await readBytes(a, 0, MiB), image)).toBe('same');
+  });
+
+  it('keeps the layer count bounded when the oldest copies go first, always with live copies above them', async () => {
+    const pool = await openPool();
+    await pool.createVolume('a', 2 * MiB);
+    const a = await pool.open('a');
+    const image = Buffer.alloc(2 * MiB);
+    await scatter(a, image, 1, 100);
+    const live: { name: string; image: Buffer }[] = [];
+    for (let round = 2; round < 30; round++) {
+      const name = `copy${round}`;
+      if (round % 2 === 0) await pool.snapshot('a', name);
+      else await pool.clone('a', name);
+      live.push({ name, image: Buffer.from(image) });
+      await scatter(a, image, round, 20);
+      if (live.length > 3) await pool.delete(live.shift()!.name);
+      await pool.idle();
+    }
+    expect(sameBytes(await readBytes(a, 0, image.length), image)).toBe('same');
+    for (const copy of live) {
+      expect(sameBytes(await readBytes(await pool.open(copy.name), 0, image.length), copy.image), copy.name).toBe('same');
+    }
+    // Per live copy: its frozen layer (and a clone's head); plus the root and a's head.
+    const { layers } = await pool.usage();
+    expect(layers).toBeLessThanOrEqual(2 + 2 * live.length);
+    expect((await layerFiles()).length).toBeLessThanOrEqual(layers);
+    await pool.close();
+    const reopened = await openPool();
+    expect((await reopened.usage()).layers).toBe(layers);
+    for (const copy of live) {
+      expect(sameBytes(await readBytes(await reopened.open(copy.name), 0, image.length), copy.image), copy.name).toBe('same');
+    }
+  });
+
+  it('folds a layer between two clones\' common ancestors; both clones keep their data', async () => {
+    const pool = await openPool();
+    await pool.createVolume('a', MiB);
+    const a = await pool.open('a');
+    const image = Buffer.alloc(MiB);
+    await scatter(a, image, 1, 50);
+    await pool.snapshot('a', 's1');
+    await scatter(a, image, 2, 50);
+    await pool.snapshot('a', 's2');
+    const atS2 = Buffer.from(image);
+    await pool.clone('s2', 'c1');
+    await pool.clone('s2', 'c2');
+    const c1 = await pool.open('c1');
+    const c1Image = Buffer.from(atS2);
+    await scatter(c1, c1Image, 3, 30);
+    await pool.delete('s1');
+    await pool.delete('s2');
+    await pool.delete('a');
+    await pool.idle();
+    expect(sameBytes(await readBytes(c1, 0, MiB), c1Image)).toBe('same');
+    expect(sameBytes(await readBytes(await pool.open('c2'), 0, MiB), atS2)).toBe('same');
+    // The root, s2's layer (two children), c1's and c2's heads: s1's layer folded into s2's.
+    expect((await pool.usage()).layers).toBe(4);
   });
 
   it('reads and writes keep going during a compaction, and every write is kept', async () => {
