@@ -4,6 +4,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import pino from 'pino';
 import { clientCommands } from './client-commands.js';
+import { csiCommand } from './csi-command.js';
 import { adminCommands, exitCodeFor, readAdminToken } from './admin-commands.js';
 import { parseSize } from './parse.js';
 import { DEFAULT_LISTEN, TLS_MODES, countArg, defaultPoolDir, definedOnly, secondsArg, serve, sizeArg } from './serve.js';
@@ -167,6 +168,7 @@ async function main(argv: string[]): Promise<void> {
     .config('config', 'A JSON file of option values, e.g. {"pool": "/srv/clonebd", "listen": "0.0.0.0:10809"}')
     .default('config', env.CLONEBD_CONFIG, '$CLONEBD_CONFIG')
     .command(adminCommands)
+    .command(csiCommand)
     .demandCommand(1, 'Name a command; see --help')
     .strict()
     .help()
