@@ -32,9 +32,9 @@ function register(child: ChildProcess): void {
   });
 }
 
-function spawnTracked(file: string, args: readonly string[], env?: NodeJS.ProcessEnv): ChildProcess {
+function spawnTracked(file: string, args: readonly string[], env?: NodeJS.ProcessEnv, withInput = false): ChildProcess {
   if (closed) throw new Error(`not starting ${file}: the harness is shutting down`);
-  const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe'], env: env ?? process.env });
+  const child = spawn(file, args, { stdio: [withInput ? 'pipe' : 'ignore', 'pipe', 'pipe'], env: env ?? process.env });
   register(child);
   return child;
 }
@@ -86,16 +86,21 @@ export interface RunOutput {
   stderr: string;
 }
 
-/** Runs a tool to completion; rejects with its stderr unless it exits 0. */
-export function runTool(file: string, args: readonly string[], timeoutMs: number): Promise<RunOutput> {
+/** Runs a tool to completion, `input` on its stdin if given; rejects with its stderr unless it exits 0. */
+export function runTool(file: string, args: readonly string[], timeoutMs: number, input?: string): Promise<RunOutput> {
   const command = describeCommand(file, args);
   return new Promise((resolve, reject) => {
     let child: ChildProcess;
     try {
-      child = spawnTracked(file, args);
+      child = spawnTracked(file, args, undefined, input !== undefined);
     } catch (error) {
       reject(error);
       return;
+    }
+    if (input !== undefined) {
+      // A tool that exits before reading all of it closes the pipe; its exit status tells.
+      child.stdin?.on('error', () => undefined);
+      child.stdin?.end(input);
     }
     const stdout: Buffer[] = [];
     const stderr = collectTail(child);

@@ -3,7 +3,7 @@
  * process, user plus system), peak RSS, and the CPU model and kernel for the report.
  */
 import { execFileSync } from 'node:child_process';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 
 /**
@@ -97,4 +97,24 @@ export async function machineInfo(): Promise<MachineInfo> {
     memoryBytes: os.totalmem(),
     node: process.version,
   };
+}
+
+/** The process's resident set now (VmRSS), in bytes. */
+export async function readRssBytes(pid: number): Promise<number | undefined> {
+  return parseStatusKilobytes(await readFile(`/proc/${pid}/status`, 'utf8'), 'VmRSS');
+}
+
+/** Open descriptors of a process now. */
+export async function countOpenFiles(pid: number): Promise<number> {
+  return (await readdir(`/proc/${pid}/fd`)).length;
+}
+
+/** The soft "Max open files" of a /proc/PID/limits text; undefined when absent or unlimited. */
+export function parseOpenFilesLimit(limits: string): number | undefined {
+  const match = /^Max open files\s+(\d+)\s/m.exec(limits);
+  return match === null ? undefined : Number(match[1]);
+}
+
+export async function openFilesLimit(pid: number): Promise<number | undefined> {
+  return parseOpenFilesLimit(await readFile(`/proc/${pid}/limits`, 'utf8'));
 }

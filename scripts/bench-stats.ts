@@ -31,3 +31,11 @@ export function ratio(numerator: number, denominator: number): number | undefine
   if (!Number.isFinite(numerator) || !Number.isFinite(denominator) || denominator <= 0) return undefined;
   return numerator / denominator;
 }
+
+/** The nearest-rank percentile: the smallest value with at least p% of the values at or below it. */
+export function percentile(values: readonly number[], p: number): number {
+  if (values.length === 0) throw new RangeError('percentile of no values');
+  if (!(p > 0 && p <= 100)) throw new RangeError(`percentile ${p} is outside (0, 100]`);
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.ceil((p / 100) * sorted.length) - 1]!;
+}

@@ -4,9 +4,14 @@ import { interleave, parseBenchOptions } from '../../scripts/bench-options.js';
 const known = { servers: ['clonebd', 'nbdkit', 'nbdkit-2'], rows: ['randread-4k-qd1', 'write-1m-qd8'] };
 
 describe('parseBenchOptions', () => {
-  it('defaults to every server and row, both cache states, 3 rounds of 10 s over 4 GiB', () => {
+  it('defaults to the matrix: every server, row and layout, both cache states, 3 rounds of 10 s over 4 GiB', () => {
     const options = parseBenchOptions([], known, '/tmp');
     expect(options).toMatchObject({
+      parts: { matrix: true, cloneTiming: false, memory: false },
+      layouts: ['plain', 'fresh', 'clone', 'depth32'],
+      cloneRequests: 50,
+      clones: 1000,
+      mapBlocks: 1_000_000,
       rounds: 3,
       durationSeconds: 10,
       servers: known.servers,
@@ -19,9 +24,31 @@ describe('parseBenchOptions', () => {
     });
   });
 
-  it('shortens runs with --quick unless --duration says otherwise', () => {
-    expect(parseBenchOptions(['--quick'], known, '/tmp').durationSeconds).toBe(2);
-    expect(parseBenchOptions(['--quick', '--duration', '5'], known, '/tmp').durationSeconds).toBe(5);
+  it('shortens runs and the memory part with --quick unless told otherwise', () => {
+    expect(parseBenchOptions(['--quick'], known, '/tmp')).toMatchObject({ durationSeconds: 2, clones: 200, mapBlocks: 100_000 });
+    expect(parseBenchOptions(['--quick', '--duration', '5', '--clones', '1000'], known, '/tmp')).toMatchObject({
+      durationSeconds: 5,
+      clones: 1000,
+    });
+  });
+
+  it('runs clone timing or memory instead of the matrix, and all three with --matrix', () => {
+    expect(parseBenchOptions(['--clone-timing'], known, '/tmp').parts).toEqual({ matrix: false, cloneTiming: true, memory: false });
+    expect(parseBenchOptions(['--memory'], known, '/tmp').parts).toEqual({ matrix: false, cloneTiming: false, memory: true });
+    expect(parseBenchOptions(['--memory', '--clone-timing', '--matrix'], known, '/tmp').parts).toEqual({
+      matrix: true,
+      cloneTiming: true,
+      memory: true,
+    });
+  });
+
+  it('takes layouts, and counts for the clone and memory parts', () => {
+    const options = parseBenchOptions(['--layouts', 'depth32,plain', '--clone-requests', '60', '--map-blocks', '5000'], known, '/tmp');
+    expect(options.layouts).toEqual(['depth32', 'plain']);
+    expect(options.cloneRequests).toBe(60);
+    expect(options.mapBlocks).toBe(5000);
+    expect(() => parseBenchOptions(['--layouts', 'qcow2'], known, '/tmp')).toThrow(/unknown qcow2/);
+    expect(() => parseBenchOptions(['--clones', '2.5'], known, '/tmp')).toThrow(/positive integer/);
   });
 
   it('takes lists of servers, rows and cache states in the order given', () => {

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { parseCpuModel, parseStatCpuTicks, parseStatusKilobytes } from '../../scripts/bench-procfs.js';
+import { parseCpuModel, parseOpenFilesLimit, parseStatCpuTicks, parseStatusKilobytes } from '../../scripts/bench-procfs.js';
 
 /** A /proc/PID/stat line: fields after the command name, utime (14) and stime (15) set. */
 function statLine(comm: string, utime: number, stime: number): string {
@@ -43,5 +43,24 @@ describe('parseCpuModel', () => {
 
   it('has no value where the kernel prints none (some ARM machines)', () => {
     expect(parseCpuModel('processor\t: 0\nBogoMIPS\t: 50.00\n')).toBeUndefined();
+  });
+});
+
+describe('parseOpenFilesLimit', () => {
+  const limits = [
+    'Limit                     Soft Limit           Hard Limit           Units     ',
+    'Max processes             95000                95000                processes ',
+    'Max open files            1024                 524288               files     ',
+    'Max locked memory         8388608              8388608              bytes     ',
+    '',
+  ].join('\n');
+
+  it('reads the soft limit, the one that makes open() fail', () => {
+    expect(parseOpenFilesLimit(limits)).toBe(1024);
+  });
+
+  it('has no value when the line is missing or unlimited', () => {
+    expect(parseOpenFilesLimit('Limit Soft Hard Units\n')).toBeUndefined();
+    expect(parseOpenFilesLimit('Max open files            unlimited            unlimited            files\n')).toBeUndefined();
   });
 });

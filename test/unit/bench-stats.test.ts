@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { median, ratio, summarise } from '../../scripts/bench-stats.js';
+import { median, percentile, ratio, summarise } from '../../scripts/bench-stats.js';
 
 describe('median', () => {
   it('takes the middle of an odd count and the mean of the middle two of an even count', () => {
@@ -54,5 +54,31 @@ describe('ratio', () => {
     expect(ratio(1, 0)).toBeUndefined();
     expect(ratio(1, Number.NaN)).toBeUndefined();
     expect(ratio(Number.POSITIVE_INFINITY, 1)).toBeUndefined();
+  });
+});
+
+describe('percentile', () => {
+  it('takes the nearest rank: p90 of 1..10 is 9, of 1..50 is 45', () => {
+    expect(percentile([3, 1, 2, 10, 9, 8, 7, 6, 5, 4], 90)).toBe(9);
+    expect(percentile(Array.from({ length: 50 }, (_, i) => i + 1), 90)).toBe(45);
+    expect(percentile([5, 1], 100)).toBe(5);
+    expect(percentile([5, 1], 50)).toBe(1);
+  });
+
+  it('is a value of the input with at least p% of the values at or below it', () => {
+    fc.assert(
+      fc.property(fc.array(fc.integer({ min: -1e6, max: 1e6 }), { minLength: 1, maxLength: 60 }), fc.integer({ min: 1, max: 100 }), (values, p) => {
+        const value = percentile(values, p);
+        expect(values).toContain(value);
+        expect(values.filter((other) => other <= value).length).toBeGreaterThanOrEqual((p / 100) * values.length);
+        expect(values.filter((other) => other < value).length).toBeLessThan((p / 100) * values.length);
+      }),
+    );
+  });
+
+  it('refuses no values and percentiles outside (0, 100]', () => {
+    expect(() => percentile([], 50)).toThrow(RangeError);
+    expect(() => percentile([1], 0)).toThrow(RangeError);
+    expect(() => percentile([1], 101)).toThrow(RangeError);
   });
 });
