@@ -21,6 +21,8 @@ export interface ClonebdProcess {
   /** The pool's NBD Unix socket. */
   readonly socket: string;
   readonly admin: AdminClient;
+  /** The end of what it wrote to stderr, for error messages. */
+  stderrTail(): string;
   kill(): Promise<void>;
   /** SIGTERM, and wait for the exit. */
   stop(): Promise<void>;
@@ -54,6 +56,7 @@ export async function startClonebd(cli: string, pool: string, extraArgs: readonl
     port,
     socket: join(pool, 'nbd.sock'),
     admin: new AdminClient(join(pool, 'admin.sock')),
+    stderrTail: () => stderr,
     kill() {
       const exited = exitOf(child);
       child.kill('SIGKILL');

@@ -153,7 +153,10 @@ async function main(): Promise<void> {
         await new Promise((resolve) => setTimeout(resolve, interval * 1000));
       }
     })();
-    await Promise.all([done, churn, sampler]);
+    await Promise.all([done, churn, sampler]).catch((error: unknown) => {
+      const exit = server.child.exitCode ?? server.child.signalCode;
+      throw new Error(`${error instanceof Error ? error.message : String(error)}${exit === null ? '' : `; the server exited (${exit})`}\n${server.stderrTail()}`);
+    });
   } finally {
     await server.stop();
     await rm(dir, { recursive: true, force: true });
