@@ -39,7 +39,17 @@ export interface VolumeView extends VolumeInfo {
 /** What the admin API needs of the store. */
 export type AdminStore = Pick<
   Pool,
-  'createVolume' | 'snapshot' | 'clone' | 'grow' | 'flatten' | 'delete' | 'volumes' | 'info' | 'usage' | 'idle'
+  | 'createVolume'
+  | 'snapshot'
+  | 'clone'
+  | 'grow'
+  | 'flatten'
+  | 'delete'
+  | 'volumes'
+  | 'info'
+  | 'usage'
+  | 'idle'
+  | 'mappedBytes'
 >;
 
 export interface Attachments {
@@ -161,7 +171,7 @@ export class AdminServer {
     'POST volumes': async (request) => {
       const body = await readJsonBody(request);
       const labels = field(body, 'labels') as Labels | undefined;
-      return this.#viewOf(await this.#options.store.createVolume(requireName(body, 'name'), requireSize(body, 'size'), { labels }));
+      return this.#newView(await this.#options.store.createVolume(requireName(body, 'name'), requireSize(body, 'size'), { labels }));
     },
     'GET volumes/:name': async (_request, _response, name) => {
       const volume = this.#options.store.info(name!);
@@ -173,12 +183,12 @@ export class AdminServer {
       const size = optionalSize(body, 'size');
       const labels = field(body, 'labels') as Labels | undefined;
       const clone = await this.#options.store.clone(name!, requireName(body, 'name'), { labels, ...(size === undefined ? {} : { size }) });
-      return this.#viewOf(clone);
+      return this.#newView(clone);
     },
     'POST volumes/:name/snapshot': async (request, _response, name) => {
       const body = await readJsonBody(request);
       const labels = field(body, 'labels') as Labels | undefined;
-      return this.#viewOf(await this.#options.store.snapshot(name!, requireName(body, 'name'), { labels }));
+      return this.#newView(await this.#options.store.snapshot(name!, requireName(body, 'name'), { labels }));
     },
     'POST volumes/:name/grow': async (request, _response, name) => {
       const body = await readJsonBody(request);
@@ -222,6 +232,14 @@ export class AdminServer {
 
   async #viewOf(volume: VolumeInfo): Promise<VolumeView> {
     return this.#view(volume, (await this.#options.store.usage()).volumes);
+  }
+
+  /**
+   * A volume, clone or snapshot just made owns nothing yet and shares all it maps with its
+   * source: no pool-wide sweep, so creation answers in the same time however big the pool is.
+   */
+  #newView(volume: VolumeInfo): VolumeView {
+    return { ...volume, exclusiveBytes: 0, sharedBytes: this.#options.store.mappedBytes(volume.name), clients: 0 };
   }
 }
 
