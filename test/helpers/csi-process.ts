@@ -4,16 +4,13 @@
  * start rejects as soon as the process exits without it. Every driver started here is stopped by
  * `stopAllCsiProcesses` (for afterEach/afterAll) and SIGKILLed on process exit if one escaped.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { spawnCli, type ExitStatus, type LogLine } from './cli-process.js';
 import { CsiClient } from './csi-client.js';
-import { CLI_PATH, type ExitStatus, type LogLine } from './server-process.js';
 
 const START_TIMEOUT_MS = 20_000;
-const STOP_TIMEOUT_MS = 10_000;
 
 export interface CsiStartOptions {
   /** The daemon's pool (`--pool`); leave out when `args` carry `--admin`. */
@@ -40,25 +37,15 @@ export interface CsiProcess {
 }
 
 const live = new Set<CsiProcess>();
-const children = new Set<ChildProcess>();
-let exitHookInstalled = false;
 
 export async function stopAllCsiProcesses(): Promise<void> {
   await Promise.all([...live].map((driver) => driver.stop()));
 }
 
 export async function startCsiProcess(options: CsiStartOptions = {}): Promise<CsiProcess> {
-  if (!existsSync(CLI_PATH)) throw new Error(`${CLI_PATH} is missing: build first (npm run build)`);
-  if (!exitHookInstalled) {
-    exitHookInstalled = true;
-    process.on('exit', () => {
-      for (const child of children) child.kill('SIGKILL');
-    });
-  }
   const tempDir = await mkdtemp(join(tmpdir(), 'clonebd-csi-'));
   const endpoint = options.endpoint ?? `unix://${join(tempDir, 'csi.sock')}`;
   const args = [
-    CLI_PATH,
     'csi',
     '--endpoint',
     endpoint,
@@ -69,115 +56,35 @@ export async function startCsiProcess(options: CsiStartOptions = {}): Promise<Cs
     ...(options.pool === undefined ? [] : ['--pool', options.pool]),
     ...(options.args ?? []),
   ];
-  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: options.env ?? process.env });
-  children.add(child);
-  const logs: LogLine[] = [];
-  const stderrChunks: Buffer[] = [];
-  const waiters = new Set<(line: LogLine) => void>();
-  const exited = new Promise<ExitStatus>((resolve) => {
-    child.on('exit', (code, signal) => {
-      children.delete(child);
-      resolve({ code, signal, killed: false });
-    });
-    child.on('error', (error) => {
-      stderrChunks.push(Buffer.from(`spawn failed: ${error.message}\n`));
-      if (child.pid === undefined) {
-        children.delete(child);
-        resolve({ code: null, signal: null, killed: false });
-      }
-    });
-  });
-  let pending = '';
-  child.stdout!.setEncoding('utf8');
-  child.stdout!.on('data', (chunk: string) => {
-    pending += chunk;
-    let newline: number;
-    while ((newline = pending.indexOf('\n')) >= 0) {
-      const text = pending.slice(0, newline);
-      pending = pending.slice(newline + 1);
-      if (text.trim() === '') continue;
-      let line: LogLine;
-      try {
-        const parsed: unknown = JSON.parse(text);
-        line = typeof parsed === 'object' && parsed !== null ? (parsed as LogLine) : { raw: text };
-      } catch {
-        line = { raw: text };
-      }
-      logs.push(line);
-      for (const waiter of [...waiters]) waiter(line);
-    }
-  });
-  child.stderr!.on('data', (chunk: Buffer) => stderrChunks.push(chunk));
-  const stderr = (): string => Buffer.concat(stderrChunks).toString('utf8');
-  const describe = (): string =>
-    `driver: node ${args.join(' ')}\n--- stdout\n${logs.map((line) => JSON.stringify(line)).join('\n')}\n--- stderr\n${stderr()}`;
-
   const client = new CsiClient(endpoint);
-  let stopping: Promise<ExitStatus> | undefined;
-  const driver: CsiProcess = {
-    pid: child.pid ?? -1,
-    endpoint,
-    client,
-    logs,
-    stderr,
-    exited,
-    stop(signal: NodeJS.Signals = 'SIGTERM') {
-      stopping ??= (async () => {
+  let cli;
+  try {
+    cli = spawnCli(args, {
+      label: 'driver',
+      env: options.env,
+      cleanup: async () => {
         client.close();
-        let status: ExitStatus;
-        if (child.exitCode !== null || child.signalCode !== null) {
-          status = await exited;
-        } else {
-          child.kill(signal);
-          let timer: NodeJS.Timeout | undefined;
-          const deadline = new Promise<'timeout'>((resolve) => {
-            timer = setTimeout(() => resolve('timeout'), STOP_TIMEOUT_MS);
-          });
-          const first = await Promise.race([exited, deadline]);
-          clearTimeout(timer);
-          if (first === 'timeout') {
-            child.kill('SIGKILL');
-            status = { ...(await exited), killed: true };
-          } else {
-            status = first;
-          }
-        }
         live.delete(driver);
         await rm(tempDir, { recursive: true, force: true });
-        return status;
-      })();
-      return stopping;
-    },
+      },
+    });
+  } catch (error) {
+    client.close();
+    await rm(tempDir, { recursive: true, force: true });
+    throw error;
+  }
+  const driver: CsiProcess = {
+    pid: cli.pid,
+    endpoint,
+    client,
+    logs: cli.logs,
+    stderr: cli.stderr,
+    exited: cli.exited,
+    stop: cli.stop,
   };
   live.add(driver);
-
   try {
-    await new Promise<void>((resolve, reject) => {
-      const isListening = (line: LogLine): boolean => line.msg === 'listening';
-      if (logs.some(isListening)) {
-        resolve();
-        return;
-      }
-      const finish = (): void => {
-        waiters.delete(onLine);
-        clearTimeout(timer);
-      };
-      const onLine = (line: LogLine): void => {
-        if (!isListening(line)) return;
-        finish();
-        resolve();
-      };
-      const timer = setTimeout(() => {
-        finish();
-        reject(new Error(`the driver did not listen within ${START_TIMEOUT_MS} ms\n${describe()}`));
-      }, START_TIMEOUT_MS);
-      waiters.add(onLine);
-      void exited.then((status) => {
-        if (!waiters.has(onLine)) return;
-        finish();
-        reject(new Error(`the driver exited (code ${status.code}, signal ${status.signal}) before listening\n${describe()}`));
-      });
-    });
+    await cli.waitForLog((line) => line.msg === 'listening', START_TIMEOUT_MS);
   } catch (error) {
     await driver.stop();
     throw error;

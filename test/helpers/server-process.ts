@@ -7,32 +7,15 @@
  * `stopAllServerProcesses` (called from afterEach/afterAll) stops it even when a test failed
  * half-way; a process-exit hook SIGKILLs any that escaped that.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import type { Pool } from '../../src/store/index.js';
+import { spawnCli, type ExitStatus, type LogLine } from './cli-process.js';
 
-/** The built CLI entry point; `npm test` builds before vitest runs. */
-export const CLI_PATH = fileURLToPath(new URL('../../dist/src/cli/main.js', import.meta.url));
+export { CLI_PATH, type ExitStatus, type LogLine } from './cli-process.js';
 
 const START_TIMEOUT_MS = 20_000;
-const STOP_TIMEOUT_MS = 10_000;
-
-export interface LogLine {
-  level?: number;
-  msg?: string;
-  [key: string]: unknown;
-}
-
-export interface ExitStatus {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  /** stop() had to SIGKILL the process after SIGTERM did not end it in time. */
-  killed: boolean;
-}
 
 export interface StartOptions {
   /** Pool directory to serve. Default: `pool` inside a fresh temp dir (absent until serve makes it). */
@@ -68,16 +51,6 @@ export interface ServerProcess {
 }
 
 const live = new Set<ServerProcess>();
-const liveChildren = new Set<ChildProcess>();
-let exitHookInstalled = false;
-
-function installExitHook(): void {
-  if (exitHookInstalled) return;
-  exitHookInstalled = true;
-  process.on('exit', () => {
-    for (const child of liveChildren) child.kill('SIGKILL');
-  });
-}
 
 /** Stops every server this module started and has not stopped yet. */
 export async function stopAllServerProcesses(): Promise<void> {
@@ -99,9 +72,6 @@ async function preparePool(dir: string, prepare: (pool: Pool) => Promise<unknown
 }
 
 export async function startServerProcess(options: StartOptions = {}): Promise<ServerProcess> {
-  if (!existsSync(CLI_PATH)) {
-    throw new Error(`${CLI_PATH} is missing: build first (npm run build; npm test builds before running vitest)`);
-  }
   const tempDir = await mkdtemp(join(tmpdir(), 'clonebd-server-'));
   const removeTempDir = (): Promise<void> => rm(tempDir, { recursive: true, force: true });
   try {
@@ -123,112 +93,16 @@ function spawnServer(
   removeTempDir: () => Promise<void>,
   env: NodeJS.ProcessEnv | undefined,
 ): Promise<ServerProcess> {
-  installExitHook();
-  const child = spawn(process.execPath, [CLI_PATH, ...args], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: env ?? process.env,
-  });
-  liveChildren.add(child);
-  const logs: LogLine[] = [];
-  const stderrChunks: Buffer[] = [];
-  const waiters = new Set<(line: LogLine) => void>();
-  let pending = '';
-
-  const exited = new Promise<ExitStatus>((resolve) => {
-    child.on('exit', (code, signal) => {
-      liveChildren.delete(child);
-      resolve({ code, signal, killed: false });
-    });
-    // A process that could not be spawned never exits; count it as exited, with the reason in stderr.
-    child.on('error', (error) => {
-      stderrChunks.push(Buffer.from(`spawn failed: ${error.message}\n`));
-      if (child.pid === undefined) {
-        liveChildren.delete(child);
-        resolve({ code: null, signal: null, killed: false });
-      }
-    });
-  });
-
-  // stdout must be drained for the whole life of the server, or a full pipe would block its logger.
-  child.stdout!.setEncoding('utf8');
-  child.stdout!.on('data', (chunk: string) => {
-    pending += chunk;
-    let newline: number;
-    while ((newline = pending.indexOf('\n')) >= 0) {
-      const text = pending.slice(0, newline);
-      pending = pending.slice(newline + 1);
-      if (text.trim() === '') continue;
-      let line: LogLine;
-      try {
-        const parsed: unknown = JSON.parse(text);
-        line = typeof parsed === 'object' && parsed !== null ? (parsed as LogLine) : { raw: text };
-      } catch {
-        line = { raw: text };
-      }
-      logs.push(line);
-      for (const waiter of [...waiters]) waiter(line);
-    }
-  });
-  child.stderr!.on('data', (chunk: Buffer) => stderrChunks.push(chunk));
-  const stderr = (): string => Buffer.concat(stderrChunks).toString('utf8');
-  const describe = (): string =>
-    `server: node ${CLI_PATH} ${args.join(' ')}\n--- stdout\n${logs
-      .map((line) => JSON.stringify(line))
-      .join('\n')}\n--- stderr\n${stderr()}`;
-
-  const waitForLog = (match: (line: LogLine) => boolean, timeoutMs = START_TIMEOUT_MS): Promise<LogLine> => {
-    const found = logs.find(match);
-    if (found !== undefined) return Promise.resolve(found);
-    return new Promise((resolve, reject) => {
-      const finish = (): void => {
-        waiters.delete(onLine);
-        clearTimeout(timer);
-      };
-      const onLine = (line: LogLine): void => {
-        if (!match(line)) return;
-        finish();
-        resolve(line);
-      };
-      const timer = setTimeout(() => {
-        finish();
-        reject(new Error(`no matching log line within ${timeoutMs} ms\n${describe()}`));
-      }, timeoutMs);
-      waiters.add(onLine);
-      void exited.then((status) => {
-        if (!waiters.has(onLine)) return;
-        finish();
-        reject(new Error(`server exited (code ${status.code}, signal ${status.signal}) before the awaited log line\n${describe()}`));
-      });
-    });
-  };
-
-  let stopping: Promise<ExitStatus> | undefined;
-  const stop = (signal: NodeJS.Signals = 'SIGTERM'): Promise<ExitStatus> => {
-    stopping ??= (async () => {
-      let status: ExitStatus;
-      if (child.exitCode !== null || child.signalCode !== null) {
-        status = await exited;
-      } else {
-        child.kill(signal);
-        let timer: NodeJS.Timeout | undefined;
-        const deadline = new Promise<'timeout'>((resolve) => {
-          timer = setTimeout(() => resolve('timeout'), STOP_TIMEOUT_MS);
-        });
-        const first = await Promise.race([exited, deadline]);
-        clearTimeout(timer);
-        if (first === 'timeout') {
-          child.kill('SIGKILL');
-          status = { ...(await exited), killed: true };
-        } else {
-          status = first;
-        }
-      }
+  const cli = spawnCli(args, {
+    label: 'server',
+    env,
+    cleanup: async () => {
       live.delete(server);
       await removeTempDir();
-      return status;
-    })();
-    return stopping;
-  };
+    },
+  });
+  const { logs, stderr, describe, exited, stop } = cli;
+  const waitForLog = (match: (line: LogLine) => boolean, timeoutMs = START_TIMEOUT_MS): Promise<LogLine> => cli.waitForLog(match, timeoutMs);
 
   let listening: LogLine = {};
   const tcp = (): { host: string; port: number } => {
@@ -244,7 +118,7 @@ function spawnServer(
   };
 
   const server: ServerProcess = {
-    pid: child.pid ?? -1,
+    pid: cli.pid,
     pool,
     get host() {
       return tcp().host;
