@@ -203,6 +203,44 @@ function insert(node: MapNode, start: number, length: number, value: number): Ma
   return innersOf(children);
 }
 
+/**
+ * `node` with every extent of value `from` holding `to` instead, extents that come to touch with
+ * equal values merged within a leaf. Starts never move, so keys stay exact; `memo` keeps a node
+ * shared by several maps shared after the change.
+ */
+function replaceIn(node: MapNode, from: number, to: number, memo: Map<MapNode, MapNode>): MapNode {
+  const known = memo.get(node);
+  if (known !== undefined) return known;
+  let result: MapNode = node;
+  if (node.leaf) {
+    const ext = node.ext;
+    let found = false;
+    for (let i = 2; i < ext.length && !found; i += 3) found = ext[i] === from;
+    if (found) {
+      const out: number[] = [];
+      for (let i = 0; i < ext.length; i += 3) {
+        const start = ext[i]!;
+        const length = ext[i + 1]!;
+        const value = ext[i + 2] === from ? to : ext[i + 2]!;
+        const last = out.length - 3;
+        if (last >= 0 && out[last + 2] === value && out[last]! + out[last + 1]! === start) out[last + 1]! += length;
+        else out.push(start, length, value);
+      }
+      result = makeLeaf(out);
+    }
+  } else {
+    let changed = false;
+    const children = node.children.map((child) => {
+      const replaced = replaceIn(child, from, to, memo);
+      if (replaced !== child) changed = true;
+      return replaced;
+    });
+    if (changed) result = makeInner(children);
+  }
+  memo.set(node, result);
+  return result;
+}
+
 function rootOf(nodes: MapNode[]): MapNode | null {
   if (nodes.length === 0) return null;
   let root: MapNode = nodes.length === 1 ? nodes[0]! : makeInner(nodes);
@@ -266,6 +304,25 @@ export class BlockMap {
       if (v === value) total += end - start;
     });
     return total;
+  }
+
+  /**
+   * A map where every block holding `from` holds `to`, in one pass over the tree rather than an
+   * assign per extent. Pass the same `memo` for maps that share nodes, and they keep sharing them.
+   */
+  replaceValue(from: number, to: number, memo: Map<MapNode, MapNode> = new Map()): BlockMap {
+    if (this.root === null || from === to) return this;
+    let map = new BlockMap(replaceIn(this.root, from, to, memo));
+    if (map.root === this.root) return this;
+    // Extents that now touch with the same value across a leaf boundary are merged by assign.
+    const joins: Array<[number, number]> = [];
+    let previous: [number, number, number] | undefined;
+    map.extents(0, Infinity, (start, end, value) => {
+      if (previous !== undefined && previous[1] === start && previous[2] === value && value === to) joins.push([previous[0], end]);
+      previous = [start, end, value];
+    });
+    for (const [start, end] of joins) map = map.assign(start, end, to);
+    return map;
   }
 
   /** A map where [lo, hi) holds `value`; untouched nodes are shared with this one. */

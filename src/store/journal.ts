@@ -41,7 +41,9 @@ export type MetaRecord =
    */
   | { op: 'detach'; name: string; parent?: number | null }
   /** Compaction: frozen `layer` is folded into its only child `into` (see pool.ts). */
-  | { op: 'fold'; layer: number; into: number };
+  | { op: 'fold'; layer: number; into: number }
+  /** Compaction: frozen `layer` is absorbed into its parent `into`, which takes its place. */
+  | { op: 'absorb'; layer: number; into: number };
 
 const ASSIGN = 1;
 const JSON_RECORD = 2;

@@ -22,20 +22,30 @@
  * parent it is; at zero it leaves the metadata, and its file is removed once that change is
  * durable. Deleting a snapshot or clone can leave frozen layers that nothing names and only one
  * layer descends from (a volume snapshotted and cloned many times over would otherwise collect one
- * per copy, each with a file descriptor and a map); compaction folds each into that child:
+ * per copy, each with a file descriptor and a map); compaction merges each with that child:
  * - child a head: the blocks the head still reads from it are copied into the head under the
  *   volume's gate, step by step like a flatten, then the head is re-parented past it;
- * - child frozen: the blocks the child's map reads from it are copied into the child's file, where
- *   they are holes (a frozen layer's file only ever holds blocks its own map claims, and those are
- *   never these), with no gate: both layers are immutable. Then, with the gates of every volume
- *   reading through the child held, one journal record points every map below the child at the
- *   child instead and re-parents the child. A frozen layer's file is thus written after it froze,
- *   but only at places no map read from it before.
- * The root layer is never folded: it usually holds the bulk of the data. Compaction runs in the
- * background, after deletions and at open, and gives up on a layer if the tree changes under it. A layer's data file is only written while it is a head, and only blocks its own map
- * points at are ever read from it; so a block a head no longer maps (overwritten elsewhere,
- * trimmed) is garbage, and hole punching may take it back at any later time (compaction's copies
- * into a frozen layer land where its map reads another layer, never where a trim was recorded).
+ * - child frozen, merged whichever way copies fewer blocks:
+ *   - fold down: the blocks the child's map reads from the layer are copied into the child's
+ *     file, where they are holes (a frozen layer's file only ever holds blocks its own map
+ *     claims, and those are never these);
+ *   - absorb up: the child's own blocks are copied into the layer's file, over blocks no map can
+ *     read any more (the child hides them, and nothing else reads the layer), and the layer
+ *     takes the child's place, its map, children and names. The root only absorbs: it usually
+ *     holds the bulk of the data, and absorbing keeps it the one place data collects in, so a
+ *     block is copied about once however long the churn goes on.
+ *   Both copy with no gate: both layers are immutable. Then, with the gates of every volume
+ *   reading through the child held, one journal record (`fold` or `absorb`) remaps every map below
+ *   and re-parents. A frozen layer's file is thus written after it froze, but only at places no
+ *   map reads from it; what an absorbed child had trimmed over its parent's blocks is punched.
+ * Compaction runs in the background, after deletions and at open, and gives up on a layer if the
+ * tree changes under it.
+ *
+ * A layer's data file is written while it is a head and by compaction as above, and only blocks
+ * its own map points at are ever read from it; so a block a head no longer maps (overwritten
+ * elsewhere, trimmed) is garbage, and hole punching may take it back at any later time, checking
+ * the map when it runs. An absorb waits until no punch is due in the parent's file first: one
+ * landing where the copy wrote would take the copied block.
  *
  * Concurrency per volume: I/O enters its Gate shared; snapshot, clone, grow, delete, flatten
  * steps and hole punching hold it exclusive. A partial-block write over a block the head does
@@ -51,7 +61,7 @@
  */
 import type { Logger } from 'pino';
 import { OperationError } from '../util/errors.js';
-import { BlockMap, FIRST_LAYER_ID, UNALLOCATED, ZERO, decodeMaps, encodeMaps } from './block-map.js';
+import { BlockMap, FIRST_LAYER_ID, UNALLOCATED, ZERO, decodeMaps, encodeMaps, type MapNode } from './block-map.js';
 import { nodeFileLayer, type FileHandle, type FileLayer } from './file-layer.js';
 import { BlockLocks, Gate } from './gate.js';
 import {
@@ -75,6 +85,8 @@ const FORMAT = 'clonebd-pool 1\n';
 const DEFAULT_CHECKPOINT_BYTES = 16 * 1024 * 1024;
 /** Blocks copied per exclusive step of flatten: bounds the pause writers see. */
 const FLATTEN_STEP = 256;
+/** Times a frozen fold takes the readers' gates again when copies appeared while it copied. */
+const FOLD_GATE_ATTEMPTS = 3;
 /** Most extents one blockStatus call returns; NBD lets a reply cover less than asked. */
 const MAX_STATUS_RUNS = 4096;
 const TRIM_COMMIT_DELAY_MS = 500;
@@ -305,6 +317,8 @@ export class Pool implements ExportCatalog {
 
   #compacting: Promise<void> | undefined;
   #compactAgain = false;
+  /** Files of folded layers being removed: unlinking a fragmented file can take a second. */
+  #removing: Promise<void> | undefined;
 
   #closed = false;
   readonly #io: VolumeIo;
@@ -606,9 +620,10 @@ export class Pool implements ExportCatalog {
 
   /** Resolves when background work (compaction, hole punching of durable trims) is done. */
   async idle(): Promise<void> {
-    while (this.#compacting !== undefined || this.#punching !== undefined) {
+    while (this.#compacting !== undefined || this.#punching !== undefined || this.#removing !== undefined) {
       await this.#compacting;
       await this.#punching;
+      await this.#removing;
     }
   }
 
@@ -905,6 +920,12 @@ export class Pool implements ExportCatalog {
         const child = this.#layers.get(record.into);
         if (layer === undefined || child === undefined) throw new Error(`fold of unknown layers ${record.layer} into ${record.into}`);
         return this.#applyFold(layer, child);
+      }
+      case 'absorb': {
+        const layer = this.#layers.get(record.layer);
+        const parent = this.#layers.get(record.into);
+        if (layer === undefined || parent === undefined) throw new Error(`absorb of unknown layers ${record.layer} into ${record.into}`);
+        return this.#applyAbsorb(layer, parent);
       }
       case 'detach': {
         const head = this.#existing(record.name).layer;
@@ -1241,21 +1262,23 @@ export class Pool implements ExportCatalog {
       return;
     }
     this.#compacting = (async () => {
-      const failed = (error: unknown): void => {
+      const failed = (error: unknown): false => {
         if (!this.#closed) this.#log?.warn({ err: error }, 'compaction failed; the layers stay');
+        return false;
       };
       do {
         this.#compactAgain = false;
-        for (const volume of [...this.#volumes.values()]) {
-          if (this.#closed) return;
-          if (volume.kind !== 'volume' || volume.deleted) continue;
-          await this.#fold(volume).catch(failed);
-        }
         const tried = new Set<Layer>();
         for (let next = this.#frozenFoldable(tried); next !== undefined; next = this.#frozenFoldable(tried)) {
           if (this.#closed) return;
           tried.add(next.layer);
-          await this.#foldFrozen(next.layer, next.child).catch(failed);
+          // A merge can make the surviving layer foldable again: look once more after this pass.
+          if (await this.#compactPair(next.layer, next.child).catch(failed)) this.#compactAgain = true;
+        }
+        for (const volume of [...this.#volumes.values()]) {
+          if (this.#closed) return;
+          if (volume.kind !== 'volume' || volume.deleted) continue;
+          await this.#fold(volume).catch(failed);
         }
       } while (this.#compactAgain);
     })().finally(() => (this.#compacting = undefined));
@@ -1286,11 +1309,11 @@ export class Pool implements ExportCatalog {
     }
     if (freed.length === 0) return;
     await this.flush();
-    await this.#removeLayerFiles(freed);
+    this.#removeInBackground(freed);
     this.#log?.debug({ volume: volume.name, layers: freed.map((layer) => layer.id) }, 'folded layers');
   }
 
-  /** A frozen, non-root layer nothing names, with exactly one child, itself frozen. */
+  /** A frozen layer nothing names, with exactly one child, itself frozen. */
   #frozenFoldable(skip: ReadonlySet<Layer>): { layer: Layer; child: Layer } | undefined {
     const children = new Map<Layer, Layer[]>();
     for (const layer of this.#layers.values()) {
@@ -1301,7 +1324,7 @@ export class Pool implements ExportCatalog {
     }
     for (const [layer, [child, ...others]] of children) {
       if (skip.has(layer) || others.length > 0 || child === undefined) continue;
-      if (layer.refs === 1 && layer.owner === null && layer.parent !== null && child.owner === null) return { layer, child };
+      if (layer.refs === 1 && layer.owner === null && child.owner === null) return { layer, child };
     }
     return undefined;
   }
@@ -1326,57 +1349,186 @@ export class Pool implements ExportCatalog {
     return first.gate.exclusive(() => this.#exclusiveAll(rest, fn));
   }
 
+  /**
+   * Merges `layer` and its only child by copying the fewer blocks: the child's own into `layer`
+   * (absorb), or the blocks the child reads from `layer` into the child (fold). The root only
+   * absorbs: it usually holds the bulk of the data.
+   */
+  #compactPair(layer: Layer, child: Layer): Promise<boolean> {
+    const inherited = child.map.count(0, Infinity, layer.id);
+    return layer.parent === null || child.blocks <= inherited ? this.#absorb(child, layer) : this.#foldFrozen(layer, child);
+  }
+
+  #stillAbsorbable(layer: Layer, parent: Layer): boolean {
+    return (
+      !this.#closed &&
+      this.#layers.get(layer.id) === layer &&
+      this.#layers.get(parent.id) === parent &&
+      layer.parent === parent &&
+      parent.refs === 1 &&
+      layer.owner === null
+    );
+  }
+
+  /** Absorbs frozen `layer` into its parent, which nothing else uses (see the design comment). */
+  async #absorb(layer: Layer, parent: Layer): Promise<boolean> {
+    const startedAt = Date.now();
+    // A punch still due in the parent's file could land where the child's blocks are copied.
+    const punchDue = (): boolean => [...this.#trimmed, ...this.#punchable].some(([id]) => id === parent.id);
+    if (punchDue()) await this.flush();
+    while (this.#punching !== undefined) await this.#punching;
+    if (punchDue()) return false;
+    const runs: Array<[number, number]> = [];
+    layer.map.extents(0, Infinity, (start, end, value) => {
+      if (value === layer.id) runs.push([start, end]);
+    });
+    const absorbable = (): boolean => this.#stillAbsorbable(layer, parent);
+    for (const [start, end] of runs) {
+      for (let at = start; at < end; at += FLATTEN_STEP) {
+        if (!absorbable()) return false;
+        const stop = Math.min(end, at + FLATTEN_STEP);
+        try {
+          const buffer = Buffer.allocUnsafe((stop - at) * BLOCK_SIZE);
+          await this.#readLayer(layer, buffer, at * BLOCK_SIZE);
+          // As in #foldFrozen: no await between this check and opening the parent's file.
+          if (!absorbable()) return false;
+          const handle = await this.#file(parent, true);
+          await handle.write(buffer, 0, buffer.length, at * BLOCK_SIZE);
+          this.#dirty.add(parent.id);
+        } catch (error) {
+          if (!absorbable()) return false;
+          throw ioError(error, `copying blocks into layer ${parent.id}`);
+        }
+      }
+    }
+    const copied = Date.now();
+    for (let attempt = 0; attempt < FOLD_GATE_ATTEMPTS; attempt++) {
+      const readers = this.#volumesUnder(layer);
+      const freed = await this.#exclusiveAll(readers, () => {
+        if (!absorbable()) return [];
+        const now = this.#volumesUnder(layer);
+        if (now.length !== readers.length || now.some((volume, i) => volume !== readers[i])) return undefined;
+        return this.#record({ op: 'absorb', layer: layer.id, into: parent.id });
+      });
+      if (freed === undefined) continue;
+      if (freed.length === 0) return false;
+      const held = Date.now();
+      await this.flush();
+      this.#removeInBackground(freed);
+      this.#log?.debug(
+        { layer: layer.id, into: parent.id, runs: runs.length, copyMs: copied - startedAt, commitMs: Date.now() - held },
+        'absorbed a frozen layer into its parent',
+      );
+      return true;
+    }
+    return false;
+  }
+
+  /**
+   * `parent` takes `layer`'s place: its map becomes `layer`'s, every map below reads `parent`
+   * where it read `layer`, and `layer`'s children and names move to `parent`.
+   */
+  #applyAbsorb(layer: Layer, parent: Layer): Layer[] {
+    const shared = new Map<MapNode, MapNode>();
+    for (const at of this.#layers.values()) {
+      let below = false;
+      for (let up: Layer | null = at.parent; up !== null && !below; up = up.parent) below = up === layer;
+      if (below) at.map = at.map.replaceValue(layer.id, parent.id, shared);
+    }
+    parent.map = layer.map.replaceValue(layer.id, parent.id, shared);
+    parent.size = Math.max(parent.size, layer.size);
+    const owned = parent.map.count(0, Infinity, parent.id);
+    this.#usedBlocks += owned - parent.blocks - layer.blocks;
+    parent.blocks = owned;
+    // What the child trimmed or zeroed over the parent's blocks is garbage in the parent's file.
+    layer.map.extents(0, Infinity, (start, end, value) => {
+      if (value === ZERO) this.#trimmed.push([parent.id, start, end]);
+    });
+    for (const at of this.#layers.values()) {
+      if (at.parent === layer) {
+        at.parent = parent;
+        parent.refs++;
+      }
+    }
+    for (const volume of this.#volumes.values()) {
+      if (volume.layer === layer) {
+        volume.layer = parent;
+        parent.refs++;
+      }
+    }
+    parent.refs--;
+    this.#layers.delete(layer.id);
+    return [layer];
+  }
+
   /** Folds frozen `layer` into its frozen only child (see the design comment). */
-  async #foldFrozen(layer: Layer, child: Layer): Promise<void> {
+  async #foldFrozen(layer: Layer, child: Layer): Promise<boolean> {
+    const startedAt = Date.now();
     const runs: Array<[number, number]> = [];
     child.map.extents(0, Infinity, (start, end, value) => {
       if (value === layer.id) runs.push([start, end]);
     });
+    const foldable = (): boolean => !this.#closed && this.#stillFrozenFoldable(layer, child);
     for (const [start, end] of runs) {
       for (let at = start; at < end; at += FLATTEN_STEP) {
-        if (this.#closed || !this.#stillFrozenFoldable(layer, child)) return;
+        if (!foldable()) return false;
         const stop = Math.min(end, at + FLATTEN_STEP);
         const reserved = this.#reserve(stop - at);
         try {
           const buffer = Buffer.allocUnsafe((stop - at) * BLOCK_SIZE);
           await this.#readLayer(layer, buffer, at * BLOCK_SIZE);
+          // Checked again with no await before the child's file is opened: a child released
+          // meanwhile has had its file removed, and opening it would create it anew.
+          if (!foldable()) return false;
           const handle = await this.#file(child, true);
           await handle.write(buffer, 0, buffer.length, at * BLOCK_SIZE);
           this.#dirty.add(child.id);
         } catch (error) {
+          if (!foldable()) return false;
           throw ioError(error, `copying blocks into layer ${child.id}`);
         } finally {
           this.#reservedBlocks -= reserved;
         }
       }
     }
-    const readers = this.#volumesUnder(child);
-    const freed = await this.#exclusiveAll(readers, () => {
-      const now = this.#volumesUnder(child);
-      const same = now.length === readers.length && now.every((volume, i) => volume === readers[i]);
-      if (this.#closed || !same || !this.#stillFrozenFoldable(layer, child)) return [];
-      return this.#record({ op: 'fold', layer: layer.id, into: child.id });
-    });
-    if (freed.length === 0) return;
-    await this.flush();
-    await this.#removeLayerFiles(freed);
-    this.#log?.debug({ layer: layer.id, into: child.id }, 'folded a frozen layer');
+    const copied = Date.now();
+    // A copy made of a volume while this one copied adds a reader whose gate is not held yet:
+    // take the gates again rather than throw the copying away.
+    for (let attempt = 0; attempt < FOLD_GATE_ATTEMPTS; attempt++) {
+      const readers = this.#volumesUnder(child);
+      const freed = await this.#exclusiveAll(readers, () => {
+        if (!foldable()) return [];
+        const now = this.#volumesUnder(child);
+        if (now.length !== readers.length || now.some((volume, i) => volume !== readers[i])) return undefined;
+        return this.#record({ op: 'fold', layer: layer.id, into: child.id });
+      });
+      if (freed === undefined) continue;
+      if (freed.length === 0) return false;
+      const held = Date.now();
+      await this.flush();
+      this.#removeInBackground(freed);
+      this.#log?.debug(
+        { layer: layer.id, into: child.id, runs: runs.length, copyMs: copied - startedAt, commitMs: Date.now() - held },
+        'folded a frozen layer',
+      );
+      return true;
+    }
+    return false;
+  }
+
+  #removeInBackground(layers: Layer[]): void {
+    const removing = (this.#removing ?? Promise.resolve())
+      .then(() => this.#removeLayerFiles(layers))
+      .finally(() => {
+        if (this.#removing === removing) this.#removing = undefined;
+      });
+    this.#removing = removing;
   }
 
   /** Points every map at or below `child` that reads `layer` at `child`, and drops `layer`. */
   #applyFold(layer: Layer, child: Layer): Layer[] {
-    const remapped = new Map<BlockMap, BlockMap>();
-    const remap = (map: BlockMap): BlockMap => {
-      let result = remapped.get(map);
-      if (result !== undefined) return result;
-      const runs: Array<[number, number]> = [];
-      map.extents(0, Infinity, (start, end, value) => {
-        if (value === layer.id) runs.push([start, end]);
-      });
-      result = runs.reduce((next, [start, end]) => next.assign(start, end, child.id), map);
-      remapped.set(map, result);
-      return result;
-    };
+    const shared = new Map<MapNode, MapNode>();
+    const remap = (map: BlockMap): BlockMap => map.replaceValue(layer.id, child.id, shared);
     for (const at of this.#layers.values()) {
       let below = false;
       for (let up: Layer | null = at; up !== null && !below; up = up.parent) below = up === child;

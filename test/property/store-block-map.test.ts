@@ -155,4 +155,35 @@ describe('BlockMap', () => {
       { numRuns: 100 },
     );
   });
+
+  it('replaces one value everywhere, in maps that share nodes, keeping them shared', () => {
+    fc.assert(
+      fc.property(assigns(3000, 200), assigns(3000, 50), fc.constantFrom(1, 16, 17), (base, diverge, to) => {
+        let parent = BlockMap.EMPTY;
+        let parentModel = new Map<number, number>();
+        for (const op of base) {
+          parent = parent.assign(op[0], op[0] + op[1], op[2]);
+          parentModel = applyModel(parentModel, op);
+        }
+        let child = parent;
+        let childModel = parentModel;
+        for (const op of diverge) {
+          child = child.assign(op[0], op[0] + op[1], op[2]);
+          childModel = applyModel(childModel, op);
+        }
+        const replaced = (model: Map<number, number>): Map<number, number> =>
+          new Map([...model].map(([block, value]) => [block, value === 18 ? to : value]));
+        const memo = new Map<MapNode, MapNode>();
+        const newParent = parent.replaceValue(18, to, memo);
+        const newChild = child.replaceValue(18, to, memo);
+        check(newParent, replaced(parentModel), 3200);
+        check(newChild, replaced(childModel), 3200);
+        check(parent, parentModel, 3200);
+        check(child, childModel, 3200);
+        // Replacing never adds nodes beyond those it rewrites, and shared ones are rewritten once.
+        expect(countNodes([newParent, newChild])).toBeLessThanOrEqual(countNodes([parent, child]) + 2 * diverge.length + 2);
+      }),
+      { numRuns: 120 },
+    );
+  });
 });

@@ -1,9 +1,10 @@
 /**
- * Compaction: frozen layers that only one head still reads through, left behind when snapshots and
- * clones are deleted, are folded into that head; the data stays, the layer count stays bounded.
+ * Compaction: frozen layers that only one layer still reads through, left behind when snapshots
+ * and clones are deleted, are merged with it; the data stays, the layer count stays bounded.
  */
+import { pino } from 'pino';
 import { describe, expect, it } from 'vitest';
-import { readdir } from 'node:fs/promises';
+import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Pool, type PoolOptions } from '../../../src/store/index.js';
 import type { BlockDevice } from '../../../src/store/types.js';
@@ -78,8 +79,8 @@ describe('compaction', () => {
     const kept = await readBytes(await pool.open('c5'), 0, image.length);
     pattern(BLOCK, 5).copy(keptImage!, 0);
     expect(sameBytes(kept, keptImage!)).toBe('same');
-    // a: root, the layer c5 was cloned from, a's head; c5: its head.
-    expect((await pool.usage()).layers).toBe(4);
+    // The root, which absorbed everything up to the layer c5 was cloned from; a's and c5's heads.
+    expect((await pool.usage()).layers).toBe(3);
   });
 
   it('folds a deleted snapshot\'s layer into the snapshot above it, then that one into the volume', async () => {
@@ -158,8 +159,8 @@ describe('compaction', () => {
     await pool.idle();
     expect(sameBytes(await readBytes(c1, 0, MiB), c1Image)).toBe('same');
     expect(sameBytes(await readBytes(await pool.open('c2'), 0, MiB), atS2)).toBe('same');
-    // The root, s2's layer (two children), c1's and c2's heads: s1's layer folded into s2's.
-    expect((await pool.usage()).layers).toBe(4);
+    // The root, which absorbed s1's and then s2's layer, and c1's and c2's heads.
+    expect((await pool.usage()).layers).toBe(3);
   });
 
   it('reads and writes keep going during a compaction, and every write is kept', async () => {
@@ -185,5 +186,63 @@ describe('compaction', () => {
     await pool.idle();
     expect(sameBytes(await readBytes(a, 0, image.length), image)).toBe('same');
     expect((await pool.usage()).layers).toBe(2);
+  });
+
+  it('lets the root absorb a small frozen child, and punches from its file what the child zeroed', async () => {
+    const pool = await openPool();
+    await pool.createVolume('a', 4 * MiB);
+    const a = await pool.open('a');
+    const image = Buffer.alloc(4 * MiB);
+    for (let at = 0; at < image.length; at += MiB) {
+      const data = pattern(MiB, at);
+      await a.write(at, data, false);
+      data.copy(image, at);
+    }
+    await pool.flush();
+    await pool.clone('a', 'c');
+    await scatter(a, image, 3, 20);
+    await a.trim(MiB, MiB, false);
+    image.fill(0, MiB, 2 * MiB);
+    await pool.snapshot('a', 's');
+    await pool.delete('c');
+    await pool.delete('s');
+    await pool.idle();
+    // The root took in what a wrote before the snapshot; a's head is all that is left above it.
+    expect((await pool.usage()).layers).toBe(2);
+    expect(sameBytes(await readBytes(a, 0, image.length), image)).toBe('same');
+    const files = await layerFiles();
+    expect(files).toHaveLength(1);
+    const root = await stat(join(fixture.dir, 'layers', files[0]!));
+    expect(root.blocks * 512).toBeLessThanOrEqual(3 * MiB);
+    await pool.close();
+    const reopened = await openPool();
+    expect(sameBytes(await readBytes(await reopened.open('a'), 0, image.length), image)).toBe('same');
+    expect((await reopened.usage()).layers).toBe(2);
+  });
+
+  it('copies the fewer blocks: a small frozen layer is folded down into its large child', async () => {
+    const messages: string[] = [];
+    const logger = pino({ level: 'debug' }, { write: (line: string) => void messages.push(JSON.parse(line).msg) });
+    const pool = await openPool({ logger });
+    await pool.createVolume('a', 2 * MiB);
+    const a = await pool.open('a');
+    const image = Buffer.alloc(2 * MiB);
+    await scatter(a, image, 1, 100);
+    await pool.clone('a', 'keep');
+    const keepImage = Buffer.from(image);
+    await scatter(a, image, 2, 5);
+    await pool.snapshot('a', 's1');
+    await scatter(a, image, 3, 200);
+    await pool.snapshot('a', 's2');
+    const s2Image = Buffer.from(image);
+    await pool.delete('s1');
+    await pool.idle();
+    // s1's layer (5 blocks of its own) went into s2's (about 200): not the other way round.
+    expect(messages).toContain('folded a frozen layer');
+    expect(messages).not.toContain('absorbed a frozen layer into its parent');
+    expect((await pool.usage()).layers).toBe(4);
+    expect(sameBytes(await readBytes(a, 0, image.length), image)).toBe('same');
+    expect(sameBytes(await readBytes(await pool.open('s2'), 0, image.length), s2Image)).toBe('same');
+    expect(sameBytes(await readBytes(await pool.open('keep'), 0, image.length), keepImage)).toBe('same');
   });
 });
