@@ -3,6 +3,7 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import pino from 'pino';
+import { attachFileCommand } from './attach-file.js';
 import { clientCommands } from './client-commands.js';
 import { csiCommand } from './csi-command.js';
 import { adminCommands, exitCodeFor, readAdminToken } from './admin-commands.js';
@@ -169,6 +170,7 @@ async function main(argv: string[]): Promise<void> {
     .default('config', env.CLONEBD_CONFIG, '$CLONEBD_CONFIG')
     .command(adminCommands)
     .command(csiCommand)
+    .command(attachFileCommand)
     .demandCommand(1, 'Name a command; see --help')
     .strict()
     .help()

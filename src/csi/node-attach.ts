@@ -1,5 +1,5 @@
 /**
- * Attaches a clonebd export as a block device on this node, and detaches it again.
+ * Attaches a clonebd export as a block device on this node, grows it, and detaches it again.
  *
  * Two ways, chosen per attach:
  * - kernel nbd, when the node has /dev/nbd* (the nbd module is loaded): `nbd-client -unix SOCKET
@@ -7,35 +7,49 @@
  *   holds the connection, so nothing of ours has to stay running; `nbd-client -d` detaches.
  * - user space otherwise:
  *
- *     daemon ──POOL/nbd.sock── nbdfuse ── STATE/fuse/VOLUME/disk ── losetup ── /dev/loopN
+ *     daemon ──POOL/nbd.sock── clonebd attach-file ── STATE/fuse/VOLUME/disk ── losetup ── /dev/loopN
  *
- *   nbdfuse is spawned detached (its own session, not a child the driver waits for) and outlives
- *   a restart of the driver; its pid, the FUSE directory, the file's identity and the loop device
- *   are kept in the volume's record. Teardown runs top-down: detach every loop device backed by
- *   the file, `fusermount3 -u` the directory (nbdfuse then exits by itself), make sure the
- *   process is gone.
+ *   `clonebd attach-file` (our own FUSE file server, src/fuse/) is spawned detached (its own
+ *   session, not a child the driver waits for) and outlives a restart of the driver; its pid, the
+ *   FUSE directory, the file's identity and the loop device are kept in the volume's record.
+ *   Teardown runs top-down: detach every loop device backed by the file, `fusermount3 -u` the
+ *   directory (the server then exits by itself), make sure the process is gone. Records made by
+ *   earlier versions name nbdfuse instead; they are torn down the same way.
  *
  * A loop device is recognised by its backing file's path, or by its number *and* its backing
  * file's device and inode together (a FUSE file whose mount went away shows another path), never
  * by its number alone: the number is reused by the next attach anywhere on the node. Neither is
  * trusted across a reboot (see Attachment.bootId). A process is signalled only while /proc says
- * it is an nbdfuse serving our file.
+ * it is a file server (attach-file on our directory, or nbdfuse on our file).
  *
- * Known limit: neither path sees an export grow while attached. nbdfuse and the kernel client
- * learn the size once, at the NBD handshake; `losetup -c` then re-reads the same old size. A
- * grown volume shows its new size on the next attach (see NodeExpandVolume in node.ts).
+ * Growing while attached. On the user-space way, SIGHUP makes attach-file re-read the export's
+ * size on a fresh NBD connection and grow the file; once `stat` shows the new size, `losetup -c`
+ * grows the loop device, with filesystems mounted on it. The kernel's nbd client cannot follow:
+ * the kernel learns a new size only through the NBD_SET_SIZE ioctl (or netlink's reconfigure),
+ * which needs native code Node does not have, and nbd-client offers no command for it. A device
+ * attached that way, or by nbdfuse, keeps its size until it is attached afresh (see
+ * NodeExpandVolume in node.ts).
  */
 import { spawn } from 'node:child_process';
 import { mkdir, open, readdir, readFile, rm, rmdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { OperationError } from '../util/errors.js';
 import { describeFailure, runChecked, runCommand, toolPath } from './node-exec.js';
-import { isMountPoint } from './node-mount.js';
-import type { Attachment, FileIdentity, StateStore } from './node-state.js';
+import { blockDeviceSize, isMountPoint } from './node-mount.js';
+import type { Attachment, FileAttachment, FileIdentity, StateStore } from './node-state.js';
 
 const READY_TIMEOUT_MS = 30_000;
 const EXIT_TIMEOUT_MS = 15_000;
+const GROW_TIMEOUT_MS = 30_000;
 const POLL_MS = 25;
+/**
+ * The file server's libuv pool: attach-file keeps all but two of its threads blocked in reads of
+ * /dev/fuse, one request each.
+ */
+const FILE_SERVER_THREADS = 8;
+/** This program's CLI, which the driver runs as: the file server is its `attach-file` command. */
+const CLI_PATH = fileURLToPath(new URL('../cli/main.js', import.meta.url));
 
 function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
@@ -51,17 +65,25 @@ async function waitFor(check: () => Promise<boolean>, timeoutMs: number): Promis
   }
 }
 
+/** `work`'s result, or undefined when it fails or takes longer than `ms`. */
+async function within<T>(ms: number, work: Promise<T>): Promise<T | undefined> {
+  let timer: NodeJS.Timeout | undefined;
+  const expired = new Promise<undefined>((resolve) => {
+    timer = setTimeout(() => resolve(undefined), ms);
+  });
+  try {
+    return await Promise.race([work.catch(() => undefined), expired]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 let bootIdCache: string | undefined;
 
 /** The kernel's id of the running boot. */
 export async function currentBootId(): Promise<string> {
   bootIdCache ??= (await readFile('/proc/sys/kernel/random/boot_id', 'utf8')).trim();
   return bootIdCache;
-}
-
-/** libnbd's URI for an export on a Unix socket. */
-function exportUri(nbdSocket: string, volumeId: string): string {
-  return `nbd+unix:///${encodeURIComponent(volumeId)}?socket=${encodeURIComponent(nbdSocket)}`;
 }
 
 /** The nbd devices the kernel offers, when the nbd module is loaded. */
@@ -173,7 +195,7 @@ export async function detachLoopsBackedBy(file: string, known?: KnownLoop): Prom
   if (!released) throw new OperationError('EBUSY', `a loop device backed by ${file} is still in use`);
 }
 
-function knownLoop(attachment: Extract<Attachment, { kind: 'nbdfuse' }>): KnownLoop | undefined {
+function knownLoop(attachment: FileAttachment): KnownLoop | undefined {
   const { loopDevice, identity } = attachment;
   return loopDevice === undefined || identity === undefined ? undefined : { name: loopDevice, identity };
 }
@@ -191,27 +213,40 @@ function splitDev(dev: bigint): { major: number; minor: number } {
   return { major: Number(major), minor: Number(minor) };
 }
 
-/** The nbdfuse processes serving `file`, found in /proc (a zombie has an empty cmdline, so it is not one). */
-async function nbdfusePids(file: string): Promise<number[]> {
-  const pids: number[] = [];
+/**
+ * The file server processes of a FUSE directory, found in /proc: `clonebd attach-file` with
+ * `--mountpoint DIR` (kind `fuse`), or, for records of earlier versions, nbdfuse serving DIR/disk.
+ * A zombie has an empty cmdline, so it is not one.
+ */
+async function fileServers(fuseDir: string, file: string): Promise<{ pid: number; kind: FileAttachment['kind'] }[]> {
+  const found: { pid: number; kind: FileAttachment['kind'] }[] = [];
   for (const name of await readdir('/proc')) {
     if (!/^\d+$/.test(name)) continue;
     const cmdline = await readFile(`/proc/${name}/cmdline`, 'utf8').catch(() => '');
     const args = cmdline.split('\0');
-    if (args.some((arg) => arg === 'nbdfuse' || arg.endsWith('/nbdfuse')) && args.includes(file)) pids.push(Number(name));
+    const mountpointAt = args.indexOf('--mountpoint');
+    if (args.includes('attach-file') && mountpointAt > 0 && args[mountpointAt + 1] === fuseDir) {
+      found.push({ pid: Number(name), kind: 'fuse' });
+    } else if (args.some((arg) => arg === 'nbdfuse' || arg.endsWith('/nbdfuse')) && args.includes(file)) {
+      found.push({ pid: Number(name), kind: 'nbdfuse' });
+    }
   }
-  return pids;
+  return found;
 }
 
-interface NbdfuseAttachment {
+async function fileServerPids(fuseDir: string, file: string): Promise<number[]> {
+  return (await fileServers(fuseDir, file)).map((server) => server.pid);
+}
+
+interface ServedFile {
   fuseDir: string;
   file: string;
   pid: number;
   identity: FileIdentity;
 }
 
-/** Where a volume's nbdfuse lives, before anything is started. */
-export function nbdfusePaths(store: StateStore, volumeId: string): { fuseDir: string; file: string } {
+/** Where a volume's file server lives, before anything is started. */
+export function fileAttachmentPaths(store: StateStore, volumeId: string): { fuseDir: string; file: string } {
   const fuseDir = join(store.fuseRoot, volumeId);
   return { fuseDir, file: join(fuseDir, 'disk') };
 }
@@ -228,12 +263,17 @@ async function readLog(store: StateStore, volumeId: string): Promise<string> {
   return (await readFile(logFile(store, volumeId), 'utf8').catch(() => '')).trim();
 }
 
+async function fileIdentity(file: string): Promise<{ size: bigint; identity: FileIdentity }> {
+  const info = await stat(file, { bigint: true });
+  return { size: info.size, identity: { ...splitDev(info.dev), ino: Number(info.ino) } };
+}
+
 /**
- * Starts nbdfuse for the export and waits until it serves a file of `size` bytes. The caller has
- * recorded the FUSE directory first, so a crash from here on is undone by `detach`.
+ * Starts `clonebd attach-file` for the export and waits until it serves a file of `size` bytes.
+ * The caller has recorded the FUSE directory first, so a crash from here on is undone by `detach`.
  */
-export async function startNbdfuse(store: StateStore, nbdSocket: string, volumeId: string, size: number): Promise<NbdfuseAttachment> {
-  const { fuseDir, file } = nbdfusePaths(store, volumeId);
+export async function startFileServer(store: StateStore, nbdSocket: string, volumeId: string, size: number): Promise<ServedFile> {
+  const { fuseDir, file } = fileAttachmentPaths(store, volumeId);
   await mkdir(fuseDir, { recursive: true, mode: 0o700 });
   const pidPath = pidFile(store, volumeId);
   await rm(pidPath, { force: true });
@@ -241,10 +281,12 @@ export async function startNbdfuse(store: StateStore, nbdSocket: string, volumeI
   let exitStatus: string | undefined;
   let pid: number | undefined;
   try {
-    // nbdfuse writes the pid file once it serves the file (-P), which is the readiness signal.
-    const child = spawn(toolPath('nbdfuse'), ['-P', pidPath, file, exportUri(nbdSocket, volumeId)], {
+    // The pid file is written once the file is served, which is the readiness signal.
+    const args = [CLI_PATH, 'attach-file', '--socket', nbdSocket, '--export', volumeId, '--mountpoint', fuseDir, '--pid-file', pidPath];
+    const child = spawn(process.execPath, args, {
       detached: true,
       stdio: ['ignore', log.fd, log.fd],
+      env: { ...process.env, UV_THREADPOOL_SIZE: String(FILE_SERVER_THREADS) },
     });
     child.on('error', (error) => {
       exitStatus = `not started: ${error.message}`;
@@ -264,13 +306,59 @@ export async function startNbdfuse(store: StateStore, nbdSocket: string, volumeI
   }, READY_TIMEOUT_MS);
   if (exitStatus !== undefined || !ready || pid === undefined) {
     const why = exitStatus !== undefined ? `ended (${exitStatus})` : `did not serve ${file} within ${READY_TIMEOUT_MS} ms`;
-    throw new OperationError('EIO', `nbdfuse for ${volumeId} ${why}: ${await readLog(store, volumeId)}`);
+    throw new OperationError('EIO', `the file server for ${volumeId} ${why}: ${await readLog(store, volumeId)}`);
   }
-  const info = await stat(file, { bigint: true });
-  if (info.size !== BigInt(size)) {
-    throw new OperationError('EIO', `nbdfuse serves ${file} with ${info.size} bytes, the export has ${size}`);
+  const served = await fileIdentity(file);
+  if (served.size !== BigInt(size)) {
+    throw new OperationError('EIO', `the file server serves ${file} with ${served.size} bytes, the export has ${size}`);
   }
-  return { fuseDir, file, pid, identity: { ...splitDev(info.dev), ino: Number(info.ino) } };
+  return { fuseDir, file, pid, identity: served.identity };
+}
+
+/**
+ * Grows a `fuse` attachment to at least `size` bytes while it is in use: SIGHUP to its file server
+ * (which re-reads the export's size), a wait until the file shows the size, then `losetup -c` on
+ * its loop device. Resolves with the loop device's new size.
+ */
+export async function growFileAttachment(store: StateStore, volumeId: string, attachment: FileAttachment, size: number): Promise<number> {
+  const { file, fuseDir, loopDevice } = attachment;
+  if (attachment.kind !== 'fuse' || loopDevice === undefined) {
+    throw new OperationError('ENOTSUP', `${volumeId} is attached by ${attachment.kind}, which cannot grow in use`);
+  }
+  if (!(await loopsBackedBy(file, knownLoop(attachment))).includes(loopDevice)) {
+    throw new OperationError('EIO', `${loopDevice} is no longer backed by ${file}`);
+  }
+  // SIGHUP would end an nbdfuse: only attach-file is signalled.
+  const pids = (await fileServers(fuseDir, file)).filter((server) => server.kind === 'fuse').map((server) => server.pid);
+  if (pids.length === 0) throw new OperationError('EIO', `no file server serves ${file}`);
+  for (const pid of pids) {
+    try {
+      process.kill(pid, 'SIGHUP');
+    } catch {
+      // it exited meanwhile: the wait below fails with its log
+    }
+  }
+  let shown: bigint | undefined;
+  const deadline = Date.now() + GROW_TIMEOUT_MS;
+  const grown = await waitFor(async () => {
+    // A hung file server would hang the stat: it gets only the time left.
+    const left = Math.max(0, deadline - Date.now());
+    shown = await within(left, fileIdentity(file).then((served) => served.size));
+    return shown !== undefined && shown >= BigInt(size);
+  }, GROW_TIMEOUT_MS);
+  if (!grown) {
+    const log = await readLog(store, volumeId);
+    throw new OperationError('EIO', `${file} shows ${shown ?? 'no'} bytes, not ${size}, ${GROW_TIMEOUT_MS} ms after SIGHUP: ${log}`);
+  }
+  await runChecked('losetup', ['--set-capacity', loopDevice]);
+  return blockDeviceSize(loopDevice);
+}
+
+/** `losetup -c` on `loop` if it is still backed by `backFile` (a read-only loop device over a grown one). */
+export async function refreshLoopIfBackedBy(loop: string, backFile: string): Promise<void> {
+  const entry = (await listLoopDevices()).find((candidate) => candidate.name === loop);
+  if (entry === undefined || entry.backFile !== backFile) return;
+  await runChecked('losetup', ['--set-capacity', loop]);
 }
 
 /** `losetup --find --show FILE`. */
@@ -279,20 +367,20 @@ export async function attachLoop(file: string): Promise<string> {
   return result.stdout.trim();
 }
 
-async function stopNbdfuse(file: string, fuseDir: string): Promise<void> {
+async function stopFileServer(fuseDir: string, file: string): Promise<void> {
   if (await isMountPoint(fuseDir)) {
     const result = await runCommand('fusermount3', ['-u', fuseDir]);
     if (result.code !== 0 && (await isMountPoint(fuseDir))) {
       throw new OperationError(/busy/i.test(result.stderr) ? 'EBUSY' : 'EIO', describeFailure(result));
     }
   }
-  // Once its directory is unmounted nbdfuse exits by itself. One that does not (it never got as
-  // far as mounting, or hangs on a daemon that went away) is ended; the pids come from /proc, not
-  // from the record, so a process started just before a crash is found too.
-  const gone = async (): Promise<boolean> => (await nbdfusePids(file)).length === 0;
+  // Once its directory is unmounted the file server exits by itself. One that does not (it never
+  // got as far as mounting, or hangs on a daemon that went away) is ended; the pids come from
+  // /proc, not from the record, so a process started just before a crash is found too.
+  const gone = async (): Promise<boolean> => (await fileServerPids(fuseDir, file)).length === 0;
   if (await waitFor(gone, EXIT_TIMEOUT_MS)) return;
   for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
-    for (const pid of await nbdfusePids(file)) {
+    for (const pid of await fileServerPids(fuseDir, file)) {
       try {
         process.kill(pid, signal);
       } catch {
@@ -301,7 +389,7 @@ async function stopNbdfuse(file: string, fuseDir: string): Promise<void> {
     }
     if (await waitFor(gone, EXIT_TIMEOUT_MS)) return;
   }
-  throw new OperationError('EIO', `nbdfuse for ${file} does not exit`);
+  throw new OperationError('EIO', `the file server of ${fuseDir} does not exit`);
 }
 
 /** Undoes `attach` step by step; safe to call again, and on an attachment that never completed. */
@@ -313,7 +401,7 @@ export async function detach(store: StateStore, volumeId: string, attachment: At
   }
   if (sameBoot) await detachLoopsBackedBy(attachment.file, knownLoop(attachment));
   // The FUSE directory and the processes are found by our own paths, which hold across boots.
-  await stopNbdfuse(attachment.file, attachment.fuseDir);
+  await stopFileServer(attachment.fuseDir, attachment.file);
   await rmdir(attachment.fuseDir).catch((error: NodeJS.ErrnoException) => {
     if (error.code !== 'ENOENT') throw new OperationError('EIO', `cannot remove ${attachment.fuseDir}`, { cause: error });
   });
@@ -331,7 +419,7 @@ export async function detachLoopIfBackedBy(loop: string, backFile: string): Prom
   }
 }
 
-/** The attachment still gives `device` for our export: its connection or its nbdfuse and loop device are in place. */
+/** The attachment still gives `device` for our export: its connection or its file server and loop device are in place. */
 export async function attachmentIntact(attachment: Attachment, device: string): Promise<boolean> {
   if (attachment.bootId !== (await currentBootId())) return false;
   if (attachment.kind === 'nbd') {
@@ -339,5 +427,5 @@ export async function attachmentIntact(attachment: Attachment, device: string): 
   }
   if (attachment.loopDevice !== device) return false;
   if (!(await loopsBackedBy(attachment.file, knownLoop(attachment))).includes(device)) return false;
-  return (await nbdfusePids(attachment.file)).length > 0;
+  return (await fileServerPids(attachment.fuseDir, attachment.file)).length > 0;
 }

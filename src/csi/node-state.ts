@@ -1,7 +1,7 @@
 /**
  * What the node service remembers about each staged volume: one small JSON file per volume in the
  * state directory, STATE/volumes/VOLUME.json, so that a restarted driver still finds the loop
- * device, the FUSE directory and the nbdfuse process it set up, and the targets it published to.
+ * device, the FUSE directory and the file server process it set up, and the targets it published to.
  *
  * Every write goes to a temporary file that is synced and renamed over the record, then the
  * directory is synced: a crash leaves the old record or the new one, never half of one. A record
@@ -35,24 +35,31 @@ export interface FileIdentity {
 }
 
 /**
+ * The user-space attachment: a FUSE file server serving the export as a file, a loop device over
+ * it. `fuse` is `clonebd attach-file`, which can grow the file while in use; `nbdfuse` is the
+ * libnbd tool that earlier versions of the driver used, whose records are still torn down alike.
+ */
+export interface FileAttachment {
+  kind: 'fuse' | 'nbdfuse';
+  bootId: string;
+  /** The FUSE mountpoint the file server serves, and the export as a file inside it. */
+  fuseDir: string;
+  file: string;
+  /** Known once the file server serves the file. */
+  pid?: number;
+  identity?: FileIdentity;
+  /** Known once losetup has attached it. */
+  loopDevice?: string;
+}
+
+/**
  * How the export became a block device on this node. `bootId` is the kernel's boot id when it was
  * made: loop devices, nbd connections and device numbers do not outlive a reboot, and after one
  * the same names and numbers may belong to other volumes, so an attachment of an earlier boot is
  * never matched against the devices of this one.
  */
 export type Attachment =
-  | {
-      kind: 'nbdfuse';
-      bootId: string;
-      /** The FUSE mountpoint nbdfuse serves, and the export as a file inside it. */
-      fuseDir: string;
-      file: string;
-      /** Known once nbdfuse serves the file. */
-      pid?: number;
-      identity?: FileIdentity;
-      /** Known once losetup has attached it. */
-      loopDevice?: string;
-    }
+  | FileAttachment
   | {
       kind: 'nbd';
       bootId: string;
@@ -93,7 +100,7 @@ function isAttachment(value: unknown): value is Attachment {
   if (!isObject(value) || typeof value.bootId !== 'string') return false;
   if (value.kind === 'nbd') return typeof value.device === 'string';
   return (
-    value.kind === 'nbdfuse' &&
+    (value.kind === 'fuse' || value.kind === 'nbdfuse') &&
     typeof value.fuseDir === 'string' &&
     typeof value.file === 'string' &&
     (value.pid === undefined || typeof value.pid === 'number') &&
@@ -129,9 +136,9 @@ function isVolumeRecord(value: unknown): value is VolumeRecord {
 
 export class StateStore {
   readonly #dir: string;
-  /** Where nbdfuse's FUSE directories live, one per volume. */
+  /** Where the file servers' FUSE directories live, one per volume. */
   readonly fuseRoot: string;
-  /** Where nbdfuse's stderr goes, one log per volume, for error messages. */
+  /** Where the file servers' output goes, one log per volume, for error messages. */
   readonly logRoot: string;
 
   constructor(stateDir: string) {

@@ -21,22 +21,28 @@
  * Concurrency. Calls for one volume run one at a time (KeyedLock per volume id); calls for
  * different volumes run in parallel. Nothing here keeps other state in memory.
  *
- * Expansion. The device learns the export's size when it is attached (nbdfuse and the kernel's
- * nbd client both read it once, at the NBD handshake), so a grown volume only shows its new size
- * after a fresh attach. NodeExpandVolume first makes sure the daemon's volume has the size asked
- * for (growing it through the admin socket beside the NBD socket, so expansion also works with no
- * controller EXPAND_VOLUME, which the multi-node deployment needs); then, on a volume that is
- * staged but not published, it re-attaches and grows the filesystem; on a published one whose
- * device is too small it fails with FAILED_PRECONDITION, the spec's code for a volume that cannot
- * be expanded while published. NodeStageVolume also grows a filesystem smaller than its device (a
- * clone made larger than its source), so a volume expanded while unused comes up at its new size.
- * The plugin therefore supports offline expansion.
+ * Expansion. NodeExpandVolume first makes sure the daemon's volume has the size asked for
+ * (growing it through the admin socket beside the NBD socket, so expansion also works with no
+ * controller EXPAND_VOLUME, which the multi-node deployment needs). Then the device follows:
+ * - user space (`clonebd attach-file` + loop device): ONLINE, staged and published alike. The file
+ *   server re-reads the export's size on SIGHUP, `losetup -c` grows the loop device (and any
+ *   read-only loop device of a block publication over it), and the filesystem grows mounted:
+ *   xfs_growfs on the mount point, resize2fs on the device for ext4 (which needs CAP_SYS_RESOURCE;
+ *   a driver without it grows an unpublished ext4 offline and answers FAILED_PRECONDITION for a
+ *   published one). A block volume is done once its device has grown.
+ * - kernel nbd (and attachments made by nbdfuse in earlier versions): the device keeps the size it
+ *   was attached with (the kernel learns a new one only through the NBD_SET_SIZE ioctl, which Node
+ *   cannot issue without native code). A staged, unpublished volume is re-attached and its
+ *   filesystem grown; a published one fails with FAILED_PRECONDITION, the spec's code for a
+ *   volume that cannot be expanded while published.
+ * NodeStageVolume also grows a filesystem smaller than its device (a clone made larger than its
+ * source), so a volume expanded while unused comes up at its new size.
  *
  * Input. Everything a caller sends is checked at the edge: required fields, absolute paths without
  * NUL, volume ids by the daemon's naming rule (so an id can name no path of its own). Commands run
  * as argument vectors, never through a shell.
  */
-import { mkdir, open, rmdir, stat, unlink } from 'node:fs/promises';
+import { mkdir, open, readFile, rmdir, stat, unlink } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { status } from '@grpc/grpc-js';
 import type { Logger } from 'pino';
@@ -50,9 +56,11 @@ import {
   detach,
   detachLoopIfBackedBy,
   detachLoopsBackedBy,
+  fileAttachmentPaths,
+  growFileAttachment,
   kernelNbdDevices,
-  nbdfusePaths,
-  startNbdfuse,
+  refreshLoopIfBackedBy,
+  startFileServer,
 } from './node-attach.js';
 import {
   bindMount,
@@ -69,7 +77,7 @@ import {
 } from './node-mount.js';
 import { isObject, readCapability } from './capabilities.js';
 import { KeyedLock } from './keyed-lock.js';
-import { FS_TYPES, isValidVolumeId, StateStore, type FsType, type VolumeRecord } from './node-state.js';
+import { FS_TYPES, isValidVolumeId, StateStore, type FileAttachment, type FsType, type VolumeRecord } from './node-state.js';
 import { CsiError, loggedHandlers, type CsiHandlers, type CsiMessage } from './rpc.js';
 
 export interface NodeServiceOptions {
@@ -140,6 +148,16 @@ async function deviceNumber(device: string): Promise<string> {
   const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
   const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
   return `${major}:${minor}`;
+}
+
+/** capability(7) number of CAP_SYS_RESOURCE. */
+const CAP_SYS_RESOURCE = 24;
+
+/** Whether this process holds capability `bit` in its effective set (/proc/self/status, CapEff). */
+async function hasCapability(bit: number): Promise<boolean> {
+  const text = await readFile('/proc/self/status', 'utf8');
+  const mask = /^CapEff:\s*([0-9a-f]+)$/m.exec(text)?.[1];
+  return mask !== undefined && ((BigInt(`0x${mask}`) >> BigInt(bit)) & 1n) === 1n;
 }
 
 async function pathExists(path: string): Promise<boolean> {
@@ -235,7 +253,7 @@ class NodeService {
         accessType: capability.accessType,
         fsType: capability.fsType,
         mountFlags: capability.mountFlags,
-        attachment: { kind: 'nbdfuse', bootId: await currentBootId(), ...nbdfusePaths(this.#store, volumeId) },
+        attachment: { kind: 'fuse', bootId: await currentBootId(), ...fileAttachmentPaths(this.#store, volumeId) },
         publications: {},
       };
       try {
@@ -262,13 +280,13 @@ class NodeService {
         await this.#store.write(record);
       });
     } else {
-      const paths = nbdfusePaths(this.#store, volumeId);
-      record.attachment = { kind: 'nbdfuse', bootId, ...paths };
+      const paths = fileAttachmentPaths(this.#store, volumeId);
+      record.attachment = { kind: 'fuse', bootId, ...paths };
       await this.#store.write(record);
       // Whatever a crash left under these paths without a record goes first.
       await detach(this.#store, volumeId, record.attachment);
-      const served = await startNbdfuse(this.#store, nbdSocket, volumeId, size);
-      record.attachment = { kind: 'nbdfuse', bootId, ...paths, pid: served.pid, identity: served.identity };
+      const served = await startFileServer(this.#store, nbdSocket, volumeId, size);
+      record.attachment = { kind: 'fuse', bootId, ...paths, pid: served.pid, identity: served.identity };
       await this.#store.write(record);
       const loop = await attachLoop(paths.file);
       record.attachment.loopDevice = loop;
@@ -476,7 +494,12 @@ class NodeService {
         exportSize = (await this.#admin.grow(volumeId, Math.ceil(requiredBytes / 4096) * 4096)).size;
       }
       if ((await blockDeviceSize(record.device)) < exportSize) {
-        await this.#reattach(record, exportSize);
+        if (record.attachment.kind === 'fuse') {
+          await this.#growAttached(record, record.attachment, record.device, exportSize);
+          if (record.accessType === 'mount') await this.#growStaged(record, record.device);
+        } else {
+          await this.#reattach(record, exportSize);
+        }
       } else if (record.accessType === 'mount') {
         await this.#growStaged(record, record.device);
       }
@@ -486,15 +509,38 @@ class NodeService {
     });
   }
 
-  /** Grows the staged filesystem to its device: offline (by restaging) while unpublished, else online. */
+  /**
+   * Grows the staged filesystem to its device. XFS grows mounted. ext4 grows mounted when the
+   * driver holds CAP_SYS_RESOURCE, which resize2fs needs for a mounted filesystem; without it an
+   * unpublished ext4 is unmounted and grown offline (by restaging), and a published one cannot grow.
+   */
   async #growStaged(record: VolumeRecord, device: string): Promise<void> {
     const fsType = record.fsType ?? DEFAULT_FS_TYPE;
-    if (fsType === 'ext4' && !(await ext4CanGrow(device))) return;
-    if (Object.keys(record.publications).length === 0) {
+    if (fsType === 'xfs') {
+      await growMounted(fsType, device, record.stagingTargetPath);
+      return;
+    }
+    if (!(await ext4CanGrow(device))) return;
+    if (await hasCapability(CAP_SYS_RESOURCE)) {
+      await growMounted(fsType, device, record.stagingTargetPath);
+    } else if (Object.keys(record.publications).length === 0) {
       await unmountAll(record.stagingTargetPath);
       await this.#mountStaged(record);
     } else {
-      await growMounted(fsType, device, record.stagingTargetPath);
+      throw new CsiError(
+        status.FAILED_PRECONDITION,
+        `${record.volumeId}: its device has grown, but growing a mounted ext4 needs CAP_SYS_RESOURCE, which this driver lacks; ` +
+          'run it with that capability (privileged), or unpublish the volume and expand it again',
+      );
+    }
+  }
+
+  /** Grows a user-space attachment in use, and the read-only loop devices of block publications over it. */
+  async #growAttached(record: VolumeRecord, attachment: FileAttachment, device: string, size: number): Promise<void> {
+    this.#options.logger.info({ volumeId: record.volumeId, device, size }, 'growing the attached device online');
+    await growFileAttachment(this.#store, record.volumeId, attachment, size);
+    for (const publication of Object.values(record.publications)) {
+      if (publication.readonlyLoopDevice !== undefined) await refreshLoopIfBackedBy(publication.readonlyLoopDevice, device);
     }
   }
 
@@ -502,9 +548,14 @@ class NodeService {
   async #reattach(record: VolumeRecord, size: number): Promise<void> {
     const published = Object.keys(record.publications);
     if (published.length > 0) {
+      const route =
+        record.attachment.kind === 'nbd'
+          ? `the kernel's nbd client learns a new size only through the NBD_SET_SIZE ioctl, which this driver cannot issue`
+          : `${record.attachment.kind} cannot grow a device in use`;
       throw new CsiError(
         status.FAILED_PRECONDITION,
-        `${record.volumeId} is published (${published.join(', ')}): its device keeps the size it was attached with until it is unpublished`,
+        `${record.volumeId} is published (${published.join(', ')}) and its device cannot grow online (${route}): ` +
+          'it keeps the size it was attached with until it is unpublished and expanded again',
       );
     }
     this.#options.logger.info({ volumeId: record.volumeId, size }, 're-attaching to see the grown volume');

@@ -1,10 +1,11 @@
 /**
  * The CSI Node service on real block devices: a real `clonebd serve`, a real `clonebd csi` on its
- * gRPC socket, and what a kubelet would ask of them. Volumes are attached with nbdfuse + losetup
- * (no nbd kernel module here), formatted, mounted, bind-mounted, cloned, grown and torn down.
+ * gRPC socket, and what a kubelet would ask of them. Volumes are attached with `clonebd
+ * attach-file` + losetup (no nbd kernel module here), formatted, mounted, bind-mounted, cloned,
+ * grown (online, while published) and torn down.
  *
  * What each test proves is in its name. After every test, nothing of it may be left: no mount
- * under its temp dir, no loop device over its files or devices, no nbdfuse serving them; the
+ * under its temp dir, no loop device over its files or devices, no file server serving them; the
  * afterEach hook removes whatever a failed test left, so one failure does not cascade.
  */
 import { createHash, randomBytes } from 'node:crypto';
@@ -13,13 +14,13 @@ import { join } from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { afterEach, describe, expect, it, type TestContext } from 'vitest';
 import type { CsiMessage } from '../../src/csi/rpc.js';
-import { CsiClient, status, type CsiReply } from '../helpers/csi-client.js';
+import { CsiClient, expectStatus, status, type CsiReply } from '../helpers/csi-client.js';
 import { CLI_PATH, startServerProcess, stopAllServerProcesses, type ServerProcess } from '../helpers/server-process.js';
 import { isCi, makeTempDir, removeTempDirs, requireTools, run, runOk } from '../helpers/tools.js';
 
 const MiB = 2 ** 20;
 const NODE_ID = 'node-a';
-const TOOLS = ['nbdfuse', 'fusermount3', 'losetup', 'mount', 'umount', 'blkid', 'blockdev', 'mkfs.ext4', 'e2fsck', 'resize2fs', 'dumpe2fs', 'sync'] as const;
+const TOOLS = ['fusermount3', 'losetup', 'mount', 'umount', 'blkid', 'blockdev', 'mkfs.ext4', 'e2fsck', 'resize2fs', 'dumpe2fs', 'sync'] as const;
 const FS_CAPABILITY = { access_mode: { mode: 'SINGLE_NODE_WRITER' }, mount: { fs_type: 'ext4', mount_flags: [] } };
 const BLOCK_CAPABILITY = { access_mode: { mode: 'SINGLE_NODE_WRITER' }, block: {} };
 
@@ -224,24 +225,35 @@ async function mountsUnder(root: string): Promise<string[]> {
     .filter((path) => path === root || path.startsWith(`${root}/`));
 }
 
-async function nbdfuseUnder(root: string): Promise<number[]> {
+/** File servers of this test: `clonebd attach-file` (or nbdfuse) serving a directory under `root`. */
+async function fileServersUnder(root: string): Promise<number[]> {
   const pids: number[] = [];
   for (const name of await readdir('/proc')) {
     if (!/^\d+$/.test(name)) continue;
     const args = (await readFile(`/proc/${name}/cmdline`, 'utf8').catch(() => '')).split('\0');
-    if (args.some((arg) => arg.endsWith('nbdfuse')) && args.some((arg) => arg.startsWith(`${root}/`))) pids.push(Number(name));
+    const server = args.includes('attach-file') || args.some((arg) => arg.endsWith('nbdfuse'));
+    if (server && args.some((arg) => arg.startsWith(`${root}/`))) pids.push(Number(name));
   }
   return pids;
 }
 
-/** Everything of this test still on the node: mounts, loop devices, nbdfuse processes. */
+/** The pid of the `clonebd attach-file` serving `volumeId`: the user-space route's file server. */
+async function fileServerOf(env: Env, volumeId: string): Promise<number> {
+  for (const pid of await fileServersUnder(env.root)) {
+    const args = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+    if (args.includes('attach-file') && args[args.indexOf('--export') + 1] === volumeId) return pid;
+  }
+  throw new Error(`no attach-file serves ${volumeId}`);
+}
+
+/** Everything of this test still on the node: mounts, loop devices, file server processes. */
 async function leftovers(env: Env): Promise<string[]> {
   const found: string[] = [];
   for (const path of await mountsUnder(env.root)) found.push(`mount ${path}`);
   for (const loop of await loopDevices()) {
     if (isOurs(env, loop)) found.push(`loop ${loop.name} over ${loop.backFile}`);
   }
-  for (const pid of await nbdfuseUnder(env.root)) found.push(`nbdfuse pid ${pid}`);
+  for (const pid of await fileServersUnder(env.root)) found.push(`file server pid ${pid}`);
   return found;
 }
 
@@ -255,7 +267,7 @@ async function forceCleanup(env: Env): Promise<void> {
     for (const loop of await loopDevices()) if (isOurs(env, loop)) await run('losetup', ['-d', loop.name]);
   }
   for (const path of fuse) await run('fusermount3', ['-u', '-z', path]);
-  for (const pid of await nbdfuseUnder(env.root)) {
+  for (const pid of await fileServersUnder(env.root)) {
     try {
       process.kill(pid, 'SIGKILL');
     } catch {
@@ -289,6 +301,18 @@ async function deviceOf(path: string): Promise<string> {
   const name = /^DEVNAME=(.*)$/m.exec(uevent)?.[1];
   if (name === undefined) throw new Error(`no DEVNAME for ${path}`);
   return `/dev/${name}`;
+}
+
+async function blockDeviceSize(device: string): Promise<number> {
+  return Number((await runOk('blockdev', ['--getsize64', device])).stdout.trim());
+}
+
+const CAP_SYS_RESOURCE = 24;
+
+/** Whether this process (and so the driver it starts) holds capability `bit`. */
+async function hasCapability(bit: number): Promise<boolean> {
+  const mask = /^CapEff:\s*([0-9a-f]+)$/m.exec(await readFile('/proc/self/status', 'utf8'))?.[1] ?? '0';
+  return ((BigInt(`0x${mask}`) >> BigInt(bit)) & 1n) === 1n;
 }
 
 // ---- kubelet's side
@@ -342,7 +366,7 @@ async function writeTree(root: string, files: [string, number][]): Promise<void>
     await mkdir(join(root, path, '..'), { recursive: true });
     await writeFile(join(root, path), randomBytes(size));
   }
-  // Flush through the loop device and nbdfuse to the server before anything clones it.
+  // Flush through the loop device and the file server to the server before anything clones it.
   await runOk('sync', ['-f', root]);
 }
 
@@ -506,7 +530,7 @@ describe('CSI node service', () => {
     expect(await leftovers(env)).toEqual([]);
   });
 
-  it('reports filesystem stats, and NodeExpandVolume grows the filesystem after the volume grows', async (ctx) => {
+  it('reports filesystem stats, and NodeExpandVolume grows a published ext4 volume in place, its device online', async (ctx) => {
     const env = await startEnv(ctx);
     const volumeId = await createVolume(env, 'pv-grow', 64 * MiB);
     const staged = await stage(env, volumeId);
@@ -521,21 +545,33 @@ describe('CSI node service', () => {
     expect(inodes.used).toBeGreaterThanOrEqual(2);
     await expectCode(env.driver.node('NodeGetVolumeStats', { volume_id: volumeId, volume_path: join(env.root, 'elsewhere') }), status.NOT_FOUND);
 
+    const device = await deviceOf(target);
+    const fileServer = await fileServerOf(env, volumeId);
     await env.driver.expandVolume(volumeId, 128 * MiB);
-    // Published, the device keeps the size it was attached with: the spec's answer is FAILED_PRECONDITION.
-    await expectCode(
-      env.driver.node('NodeExpandVolume', { volume_id: volumeId, volume_path: target, capacity_range: { required_bytes: 128 * MiB } }),
-      status.FAILED_PRECONDITION,
-    );
-    await unpublish(env, volumeId, target);
-    const expanded = await env.driver.node('NodeExpandVolume', {
-      volume_id: volumeId,
-      volume_path: staged.staging,
-      staging_target_path: staged.staging,
-      capacity_range: { required_bytes: 128 * MiB },
-    });
-    expect(expanded.capacity_bytes).toBe(128 * MiB);
-    const again = await publish(env, staged, 'pod');
+    const online = env.driver.node('NodeExpandVolume', { volume_id: volumeId, volume_path: target, capacity_range: { required_bytes: 128 * MiB } });
+    let again = target;
+    if (await hasCapability(CAP_SYS_RESOURCE)) {
+      expect((await online).capacity_bytes).toBe(128 * MiB);
+    } else {
+      // The device grows while published; resize2fs grows a mounted ext4 only with
+      // CAP_SYS_RESOURCE, so a driver without it says so, and grows the filesystem once unpublished.
+      const refused = await expectStatus(online, status.FAILED_PRECONDITION);
+      expect(refused.details).toMatch(/CAP_SYS_RESOURCE/);
+      expect(await blockDeviceSize(device)).toBe(128 * MiB);
+      expect(await hashTree(target)).toEqual(files);
+      await unpublish(env, volumeId, target);
+      const expanded = await env.driver.node('NodeExpandVolume', {
+        volume_id: volumeId,
+        volume_path: staged.staging,
+        staging_target_path: staged.staging,
+        capacity_range: { required_bytes: 128 * MiB },
+      });
+      expect(expanded.capacity_bytes).toBe(128 * MiB);
+      again = await publish(env, staged, 'pod');
+    }
+    // Grown in place: the same device and file server all along, never detached and attached again.
+    expect(await deviceOf(again)).toBe(device);
+    expect(await fileServerOf(env, volumeId)).toBe(fileServer);
     expect((await usage(env, volumeId, again, 'BYTES')).total).toBeGreaterThan(110 * MiB);
     expect(await hashTree(again)).toEqual(files);
 
@@ -567,19 +603,110 @@ describe('CSI node service', () => {
     expect(await leftovers(env)).toEqual([]);
   });
 
-  it('a restarted driver finds what the earlier one staged: the volume stays usable and unstages cleanly', async (ctx) => {
+  it('NodeExpandVolume grows a published XFS filesystem and a published block volume online, read-only publication included', async (ctx) => {
+    const env = await startEnv(ctx);
+    requireTools(ctx, 'mkfs.xfs', 'xfs_growfs');
+    const xfs = { access_mode: { mode: 'SINGLE_NODE_WRITER' }, mount: { fs_type: 'xfs', mount_flags: [] } };
+    // mkfs.xfs wants at least 300 MiB.
+    const volumeId = await createVolume(env, 'pv-xfs-grow', 320 * MiB);
+    const staged = await stage(env, volumeId, xfs);
+    const target = await publish(env, staged, 'pod-xfs', { capability: xfs });
+    await writeTree(target, [['x.bin', 2 * MiB], ['dir/y.bin', 100 * 1024]]);
+    const files = await hashTree(target);
+    const device = await deviceOf(target);
+    const fileServer = await fileServerOf(env, volumeId);
+    const before = (await usage(env, volumeId, target, 'BYTES')).total;
+    await env.driver.expandVolume(volumeId, 448 * MiB);
+    const expanded = await env.driver.node('NodeExpandVolume', {
+      volume_id: volumeId,
+      volume_path: target,
+      volume_capability: xfs,
+      capacity_range: { required_bytes: 448 * MiB },
+    });
+    expect(expanded.capacity_bytes).toBe(448 * MiB);
+    expect(await deviceOf(target)).toBe(device);
+    expect(await fileServerOf(env, volumeId)).toBe(fileServer);
+    expect((await usage(env, volumeId, target, 'BYTES')).total).toBe(before + 128 * MiB);
+    expect(await hashTree(target)).toEqual(files);
+    await writeTree(target, [['after.bin', 1 * MiB]]);
+    const grownFiles = await hashTree(target);
+    // Attached afresh, the volume shows what reached the server.
+    await unpublish(env, volumeId, target);
+    await unstage(env, staged);
+    const restaged = await stage(env, volumeId, xfs);
+    expect(await hashTree(restaged.staging)).toEqual(grownFiles);
+    await unstage(env, restaged);
+
+    const blockId = await createVolume(env, 'pv-block-grow', 16 * MiB, { block: true });
+    const blockStaged = await stage(env, blockId, BLOCK_CAPABILITY);
+    const writable = await publish(env, blockStaged, 'pod-rw', { capability: BLOCK_CAPABILITY });
+    const readonly = await publish(env, blockStaged, 'pod-ro', { capability: BLOCK_CAPABILITY, readonly: true });
+    const early = randomBytes(64 * 1024);
+    const late = randomBytes(64 * 1024);
+    const writeAt = async (data: Buffer, offset: number): Promise<void> => {
+      const handle = await open(writable, 'r+');
+      try {
+        await handle.write(data, 0, data.length, offset);
+        await handle.sync();
+      } finally {
+        await handle.close();
+      }
+    };
+    const readAt = async (path: string, offset: number, length: number): Promise<Buffer> => {
+      await runOk('blockdev', ['--flushbufs', path]);
+      const handle = await open(path, 'r');
+      try {
+        const data = Buffer.alloc(length);
+        await handle.read(data, 0, length, offset);
+        return data;
+      } finally {
+        await handle.close();
+      }
+    };
+    await writeAt(early, 4096);
+    await env.driver.expandVolume(blockId, 32 * MiB);
+    const grownBlock = await env.driver.node('NodeExpandVolume', {
+      volume_id: blockId,
+      volume_path: writable,
+      volume_capability: BLOCK_CAPABILITY,
+      capacity_range: { required_bytes: 32 * MiB },
+    });
+    expect(grownBlock.capacity_bytes).toBe(32 * MiB);
+    expect(await blockDeviceSize(writable)).toBe(32 * MiB);
+    expect(await blockDeviceSize(readonly)).toBe(32 * MiB);
+    expect((await usage(env, blockId, readonly, 'BYTES')).total).toBe(32 * MiB);
+    await writeAt(late, 24 * MiB);
+    expect((await readAt(readonly, 4096, early.length)).equals(early)).toBe(true);
+    expect((await readAt(readonly, 24 * MiB, late.length)).equals(late)).toBe(true);
+    await unpublish(env, blockId, readonly);
+    await unpublish(env, blockId, writable);
+    await unstage(env, blockStaged);
+    expect(await leftovers(env)).toEqual([]);
+  });
+
+  it('a restarted driver finds what the earlier one staged: the volume stays usable, grows online and unstages cleanly', async (ctx) => {
     const env = await startEnv(ctx);
     const volumeId = await createVolume(env, 'pv-restart', 64 * MiB);
     const staged = await stage(env, volumeId);
     const target = await publish(env, staged, 'pod');
     await writeTree(target, [['before.bin', 100 * 1024]]);
+    const fileServer = await fileServerOf(env, volumeId);
 
     await env.driver.restart();
-    // nbdfuse outlived the driver: the mounted filesystem still reads and writes.
+    // The file server outlived the driver: the mounted filesystem still reads and writes.
+    expect(await fileServerOf(env, volumeId)).toBe(fileServer);
     await writeTree(target, [['after.bin', 100 * 1024]]);
     expect([...(await hashTree(target)).keys()].sort()).toEqual(['after.bin', 'before.bin']);
     await env.driver.node('NodeStageVolume', { volume_id: volumeId, staging_target_path: staged.staging, volume_capability: FS_CAPABILITY });
     expect(await mountsUnder(staged.staging)).toHaveLength(1);
+
+    // The new driver finds the file server from its record and /proc, and grows the device it serves.
+    await env.driver.expandVolume(volumeId, 96 * MiB);
+    const expand = env.driver.node('NodeExpandVolume', { volume_id: volumeId, volume_path: target, capacity_range: { required_bytes: 96 * MiB } });
+    if (await hasCapability(CAP_SYS_RESOURCE)) await expand;
+    else await expectStatus(expand, status.FAILED_PRECONDITION);
+    expect(await blockDeviceSize(await deviceOf(target))).toBe(96 * MiB);
+    expect(await fileServerOf(env, volumeId)).toBe(fileServer);
 
     await unpublish(env, volumeId, target);
     await unstage(env, staged);
