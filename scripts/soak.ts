@@ -7,7 +7,7 @@
  *
  *   node dist/scripts/soak.js [--minutes 30] [--volumes 4] [--interval 10] [--work DIR]
  */
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -18,7 +18,7 @@ import { BUILT_CLI, startClonebd, type ClonebdProcess } from './clonebd-process.
 const MiB = 2 ** 20;
 const VOLUME_SIZE = 1024 * MiB;
 /** How much the late median may exceed the middle one, per measure. */
-const TOLERANCE = { rss: 0.15, fds: 0.1, journal: 0.5 } as const;
+const TOLERANCE = { rss: 0.15, fds: 0.1, journal: 0.5, layers: 0.1 } as const;
 const JOURNAL_SLACK_BYTES = 4 * MiB;
 
 export interface Sample {
@@ -32,7 +32,7 @@ export interface Sample {
 }
 
 export interface Trend {
-  measure: 'rss' | 'fds' | 'journal';
+  measure: 'rss' | 'fds' | 'journal' | 'layers';
   middle: number;
   late: number;
   flat: boolean;
@@ -53,6 +53,7 @@ export function trends(samples: readonly Sample[]): Trend[] {
     ['rss', (sample: Sample) => sample.rssBytes, 0],
     ['fds', (sample: Sample) => sample.fds, 2],
     ['journal', (sample: Sample) => sample.journalBytes, JOURNAL_SLACK_BYTES],
+    ['layers', (sample: Sample) => sample.layers, 2],
   ] as const;
   return measures.map(([measure, of, slack]) => {
     const before = median(middle.map(of));
@@ -74,6 +75,9 @@ async function sample(server: ClonebdProcess, pool: string, started: number): Pr
   return { seconds: (performance.now() - started) / 1000, rssBytes: rssKib * 1024, fds, journalBytes, volumes, layers };
 }
 
+/** fio processes running: an interrupted soak stops them, and then ends through its cleanup. */
+const fioChildren = new Set<ChildProcess>();
+
 function fio(uri: string, seconds: number, index: number): Promise<void> {
   const shapes = [
     ['--rw=randrw', '--bs=4k', '--iodepth=16'],
@@ -93,6 +97,8 @@ function fio(uri: string, seconds: number, index: number): Promise<void> {
   ];
   return new Promise((resolve, reject) => {
     const child = spawn('fio', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    fioChildren.add(child);
+    child.once('exit', () => fioChildren.delete(child));
     let stderr = '';
     child.stderr.on('data', (chunk: Buffer) => (stderr = (stderr + chunk.toString()).slice(-4096)));
     child.once('error', reject);
@@ -116,6 +122,12 @@ async function main(): Promise<void> {
     throw new Error('--minutes and --interval want positive numbers, --volumes a positive integer');
   }
   const seconds = Math.round(minutes * 60);
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(signal, () => {
+      process.stderr.write(`soak: ${signal}: stopping fio, the server and the pool\n`);
+      for (const child of fioChildren) child.kill('SIGTERM');
+    });
+  }
   const dir = await mkdtemp(join(values.work, 'clonebd-soak-'));
   const pool = join(dir, 'pool');
   const server = await startClonebd(BUILT_CLI, pool);
@@ -165,7 +177,8 @@ async function main(): Promise<void> {
   process.stdout.write(`\nclones and snapshots made: ${churned}; samples: ${samples.length}\n`);
   process.stdout.write('measure   middle third   last third   flat\n');
   for (const trend of results) {
-    const show = (value: number): string => (trend.measure === 'fds' ? value.toFixed(0) : `${(value / MiB).toFixed(1)} MiB`);
+    const show = (value: number): string =>
+      trend.measure === 'fds' || trend.measure === 'layers' ? value.toFixed(0) : `${(value / MiB).toFixed(1)} MiB`;
     process.stdout.write(`${trend.measure.padEnd(10)}${show(trend.middle).padStart(12)}${show(trend.late).padStart(13)}   ${trend.flat ? 'yes' : 'NO'}\n`);
   }
   if (results.some((trend) => !trend.flat)) process.exitCode = 1;

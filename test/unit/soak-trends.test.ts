@@ -3,8 +3,20 @@ import { trends, type Sample } from '../../scripts/soak.js';
 
 const MiB = 2 ** 20;
 
-function samples(rss: (i: number) => number, fds: (i: number) => number, journal: (i: number) => number): Sample[] {
-  return Array.from({ length: 12 }, (_, i) => ({ seconds: i * 10, rssBytes: rss(i), fds: fds(i), journalBytes: journal(i), volumes: 4, layers: 8 }));
+function samples(
+  rss: (i: number) => number,
+  fds: (i: number) => number,
+  journal: (i: number) => number,
+  layers: (i: number) => number = () => 8,
+): Sample[] {
+  return Array.from({ length: 12 }, (_, i) => ({
+    seconds: i * 10,
+    rssBytes: rss(i),
+    fds: fds(i),
+    journalBytes: journal(i),
+    volumes: 4,
+    layers: layers(i),
+  }));
 }
 
 describe('soak trends', () => {
@@ -14,15 +26,17 @@ describe('soak trends', () => {
       ['rss', true],
       ['fds', true],
       ['journal', true],
+      ['layers', true],
     ]);
   });
 
   it('calls steady growth after warm-up growth, measure by measure', () => {
-    const result = trends(samples((i) => 100 * MiB + i * 20 * MiB, (i) => 30 + i * 3, () => MiB));
+    const result = trends(samples((i) => 100 * MiB + i * 20 * MiB, (i) => 30 + i * 3, () => MiB, (i) => 20 + 2 * i));
     expect(result.map((trend) => [trend.measure, trend.flat])).toEqual([
       ['rss', false],
       ['fds', false],
       ['journal', true],
+      ['layers', false],
     ]);
     expect(result[1]).toMatchObject({ middle: 46.5, late: 58.5 });
   });
