@@ -23,10 +23,20 @@ export type GuestJob =
   /** The `fs` job after checking that the export's first `bytes` hash to `sha256`. */
   | (JobBase & { kind: 'clone'; sha256: string; bytes: number })
   /**
-   * nbd-client -persist (ioctl interface, -timeout timeoutSeconds) across a server restart the host
-   * performs on request: the data written before must be there after, and the device usable.
+   * A server restart the host performs on request while `client` has the export attached, with
+   * a read and a write started while the server is down:
+   *   nbd-client  Debian's newest (sid's), over netlink with -persist, -timeout timeoutSeconds
+   *               and -dead-timeout holdSeconds: the kernel holds the I/O for holdSeconds waiting
+   *               for a new connection. The I/O must complete, or fail no sooner; then the
+   *               device must give back its data (attached again if the I/O failed).
+   *   qemu-nbd    qemu-nbd -c, its NBD driver with reconnect-delay=holdSeconds (timeoutSeconds
+   *               is not used: the kernel's socket to qemu-nbd never breaks, and qemu-nbd sets
+   *               no request timeout): the I/O must complete with the right data, the device
+   *               staying attached.
    */
-  | (JobBase & { kind: 'restart'; timeoutSeconds: number });
+  | (JobBase & { kind: 'restart'; client: RestartClient; timeoutSeconds: number; holdSeconds: number });
+
+export type RestartClient = 'nbd-client' | 'qemu-nbd';
 
 export type HostRequest = 'stop-server' | 'start-server';
 
@@ -51,8 +61,10 @@ const RESTART_STEPS = [
   'write',
   'server-stopped',
   'link-down',
+  'io-held',
   'server-started',
-  'reconnect',
+  'held-io',
+  'reattach',
   'read',
   'write-again',
   'read-again',
@@ -81,10 +93,18 @@ const EXPORT_NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]*$/;
 /** The kernel command line words that hand the jobs to the guest. */
 export function jobArguments(jobs: readonly GuestJob[]): string[] {
   const names = new Set<string>();
+  let afterRestart = false;
   return jobs.map((job) => {
     if (!JOB_NAME.test(job.name)) throw new Error(`job name ${JSON.stringify(job.name)} must match ${JOB_NAME}`);
     if (names.has(job.name)) throw new Error(`two jobs named ${job.name}`);
     names.add(job.name);
+    // QEMU reads nothing from a chardev whose guest port is closed, and a TCP peer's close raises
+    // no hangup: over TCP, a job whose port sat idle through a restart would start on the old
+    // server's dead connection (its handshake then fails). A Unix socket's hangup is seen.
+    if (afterRestart && !('path' in job.target)) {
+      throw new Error(`job ${job.name} comes after a restart job, so it must reach the server through a Unix socket`);
+    }
+    if (job.kind === 'restart') afterRestart = true;
     // The command line is split at spaces and the job at commas.
     if (!EXPORT_NAME.test(job.exportName)) throw new Error(`export name ${JSON.stringify(job.exportName)} cannot be passed to the guest`);
     const fields: (string | number)[] = [job.name, job.kind, job.exportName];
@@ -93,8 +113,10 @@ export function jobArguments(jobs: readonly GuestJob[]): string[] {
       if (!Number.isSafeInteger(job.bytes) || job.bytes <= 0) throw new Error('bytes must be a positive integer');
       fields.push(job.sha256, job.bytes);
     } else if (job.kind === 'restart') {
-      if (!Number.isSafeInteger(job.timeoutSeconds) || job.timeoutSeconds <= 0) throw new Error('timeoutSeconds must be a positive integer');
-      fields.push(job.timeoutSeconds);
+      for (const [key, value] of [['timeoutSeconds', job.timeoutSeconds], ['holdSeconds', job.holdSeconds]] as const) {
+        if (!Number.isSafeInteger(value) || value <= 0) throw new Error(`${key} must be a positive integer`);
+      }
+      fields.push(job.client, job.timeoutSeconds, job.holdSeconds);
     }
     return `clonebd.job=${fields.join(',')}`;
   });

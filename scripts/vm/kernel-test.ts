@@ -1,8 +1,8 @@
 /**
  * The kernel attach test as one command (see USAGE). Without --export it brings its own server:
  * the built `clonebd serve` on a temporary pool, with a plain volume, a clone of a volume written
- * before the clone and overwritten after it, and a volume for nbd-client -persist across a
- * restart of that server.
+ * before the clone and overwritten after it, and a volume attached across restarts of that
+ * server, once by sid's nbd-client and once by qemu-nbd.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
@@ -15,6 +15,16 @@ import { NbdClient, parseNbdUri, type NbdTarget } from '../../native-free/index.
 import { BUILT_CLI, startClonebd, type ClonebdProcess } from '../clonebd-process.js';
 import type { GuestJob } from './guest-plan.js';
 import { DEFAULT_CACHE_DIR, DEFAULT_TIMEOUT_MS, runKernelTest, type KernelTestOptions, type KernelTestResult } from './kernel-vm.js';
+import { DEBIAN_ARCHIVE } from './suite-packages.js';
+
+/**
+ * The restart jobs' timeouts. -timeout: a request unanswered this long is retried on the next
+ * connection (or failed), so it only matters for requests in flight when the server went away.
+ * The hold (nbd-client -dead-timeout, qemu-nbd reconnect-delay): how long I/O waits for a new
+ * connection; a restart plus the chardev's and the client's reconnect take a few seconds here.
+ */
+const RESTART_TIMEOUT_SECONDS = 10;
+const RESTART_HOLD_SECONDS = 15;
 
 const USAGE = `Usage: node dist/scripts/vm/kernel-test.js [options]
 
@@ -23,8 +33,11 @@ exports through the real nbd.ko with Debian's nbd-client: mkfs.ext4, mount, writ
 e2fsck, detach and reattach, fio randrw and write+verify, each step checked on the serial console.
 
 Without --export, starts its own server (dist/src/cli/main.js serve) on a temporary pool and runs
-three jobs: a 5 GiB volume, a clone whose data must be its source's at clone time, and
-nbd-client -persist across a restart of the server.
+four jobs: a 5 GiB volume, a clone whose data must be its source's at clone time, and two
+restarts of the server with I/O started while it is down: under Debian's newest nbd-client
+(sid's, over netlink with -persist -timeout ${RESTART_TIMEOUT_SECONDS} -dead-timeout ${RESTART_HOLD_SECONDS}), whose I/O must
+complete or fail no sooner than the dead-connection timeout, and under qemu-nbd -c with
+reconnect-delay=${RESTART_HOLD_SECONDS}, whose I/O must complete.
 
   --export URI     nbd://HOST:PORT/NAME or nbd+unix:///NAME?socket=PATH of a running server;
                    repeatable. Runs the volume job on each. The server must run with
@@ -35,14 +48,13 @@ nbd-client -persist across a restart of the server.
   --verbose        print the console as it arrives
 
 Needs root or a user apt-get download works for, and: qemu-system-x86_64, apt-get, dpkg, ldd,
-and the guest tools installed on this machine for their shared libraries (nbd-client, socat,
-e2fsprogs, fio).
+gpgv with debian-archive-keyring, and the guest tools installed on this machine for their shared
+libraries (nbd-client, socat, e2fsprogs, fio, qemu-utils). Sid's nbd-client and the libraries it
+loads come from ${DEBIAN_ARCHIVE} (checked against the signed index) with sid's own loader.
 `;
 
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;
-/** nbd-client -timeout for the restart job: longer than a server restart takes here. */
-const RESTART_TIMEOUT_SECONDS = 30;
 
 async function writeExport(target: NbdTarget, exportName: string, data: Buffer): Promise<void> {
   const client = await NbdClient.connect(target, { exportName });
@@ -80,7 +92,17 @@ async function runSelfContained(options: Omit<KernelTestOptions, 'jobs' | 'onHos
         bytes: before.length,
       },
       // The pool's own socket keeps its path across the restart; a TCP port would not.
-      { kind: 'restart', name: 'restart', exportName: 'restart', target: { path: server.socket }, timeoutSeconds: RESTART_TIMEOUT_SECONDS },
+      ...(['nbd-client', 'qemu-nbd'] as const).map(
+        (client): GuestJob => ({
+          kind: 'restart',
+          name: client === 'nbd-client' ? 'restart' : 'restart-qemu',
+          exportName: 'restart',
+          target: { path: server.socket },
+          client,
+          timeoutSeconds: RESTART_TIMEOUT_SECONDS,
+          holdSeconds: RESTART_HOLD_SECONDS,
+        }),
+      ),
     ];
     return await runKernelTest({
       ...options,
@@ -109,7 +131,7 @@ function report(result: KernelTestResult): string {
     (step) => `${(((step.atMs ?? 0) / 1000).toFixed(1) + ' s').padStart(7)}  ${step.name.padEnd(width)}  ${step.ok ? 'ok' : 'FAIL'}  ${step.detail}`,
   );
   lines.push(
-    `${result.kernelPackage}: booted in ${(result.bootMs / 1000).toFixed(1)} s, VM ${(result.vmMs / 1000).toFixed(1)} s, ` +
+    `${result.kernelPackage}, sid nbd-client ${result.sidClientVersion}: booted in ${(result.bootMs / 1000).toFixed(1)} s, VM ${(result.vmMs / 1000).toFixed(1)} s, ` +
       `${(result.totalMs / 1000).toFixed(1)} s in all`,
   );
   return `${lines.join('\n')}\n`;

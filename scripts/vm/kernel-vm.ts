@@ -1,11 +1,14 @@
 /**
  * Boots Debian's kernel in QEMU (software emulation: no KVM) with a small initramfs and lets the
- * guest attach clonebd exports through the real nbd.ko and nbd-client.
+ * guest attach clonebd exports through the real nbd.ko and nbd-client (or qemu-nbd).
  *
  * The guest has no network. Each job's virtio-serial port is backed by a QEMU socket chardev
  * that connects to the server (TCP on 127.0.0.1 or a Unix socket) and, with reconnect=1,
  * connects again a second after the server closes it: that is how a detach and reattach, or a
- * server restart, gives the guest a new server connection. The server must not time out idle
+ * server restart, gives the guest a new server connection, also for a client that reconnects by
+ * itself while the server is still down (the guest's relay waits for the new server's greeting).
+ * Over TCP, a chardev whose guest port is closed does not notice the server going away, so jobs
+ * after a restart go through a Unix socket (guest-plan's jobArguments insists). The server must not time out idle
  * handshakes (`--handshake-timeout 0`): the chardev connects as soon as QEMU starts and the guest
  * may only read the greeting much later.
  *
@@ -18,13 +21,15 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { homedir, tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
   fetchPackages,
   libraryClosure,
+  parseLdd,
   resolveKernelPackage,
   resolveModules,
+  runCommand,
   unpackPackage,
 } from './assets.js';
 import {
@@ -39,6 +44,7 @@ import {
   type StepReport,
 } from './guest-plan.js';
 import { writeCpio, type CpioEntry } from './initramfs.js';
+import { fetchSuitePackages } from './suite-packages.js';
 
 export const DEFAULT_CACHE_DIR = join(homedir(), '.cache', 'clonebd', 'vm');
 export const DEFAULT_TIMEOUT_MS = 5 * 60_000;
@@ -47,7 +53,7 @@ const AFTER_FAILURE_MS = 30_000;
 const CONSOLE_TAIL_LINES = 60;
 
 /** Userland packages; the kernel package is resolved at run time. */
-const GUEST_PACKAGES = ['busybox-static', 'nbd-client', 'socat', 'e2fsprogs', 'fio'] as const;
+const GUEST_PACKAGES = ['busybox-static', 'nbd-client', 'socat', 'e2fsprogs', 'fio', 'qemu-utils'] as const;
 
 /**
  * Loaded in this order after their dependencies. crc32c_generic provides the "crypto-crc32c"
@@ -63,7 +69,58 @@ const GUEST_BINARIES: readonly { pkg: (typeof GUEST_PACKAGES)[number]; from: str
   { pkg: 'e2fsprogs', from: 'sbin/mke2fs', to: '/sbin/mke2fs' },
   { pkg: 'e2fsprogs', from: 'sbin/e2fsck', to: '/sbin/e2fsck' },
   { pkg: 'fio', from: 'usr/bin/fio', to: '/usr/bin/fio' },
+  { pkg: 'qemu-utils', from: 'usr/bin/qemu-nbd', to: '/usr/bin/qemu-nbd' },
 ];
+
+/**
+ * Debian's newest nbd-client, from sid, for the restart job. It wants a newer glibc, libnl and
+ * GnuTLS than bookworm has, so it comes with the libraries it loads, all from sid, in a tree of
+ * its own (/sid/lib) and runs under sid's dynamic loader by way of a wrapper script; the
+ * bookworm tools never see those libraries, nor it theirs. debconf is a dependency of the
+ * package's maintainer scripts, not of the program.
+ */
+const SID_CLIENT = {
+  suite: 'sid',
+  package: 'nbd-client',
+  binary: 'usr/sbin/nbd-client',
+  skip: ['debconf'],
+  guestDir: '/sid',
+  wrapper: '/usr/sbin/nbd-client-sid',
+} as const;
+const LOADER = 'ld-linux-x86-64.so.2';
+const LIBRARY_DIRS = ['usr/lib/x86_64-linux-gnu', 'lib/x86_64-linux-gnu'] as const;
+
+/**
+ * The sid nbd-client's guest files. Which libraries it needs is asked of sid's own loader, run
+ * here with only the unpacked sid packages on its path (and no ld.so.cache): every library must
+ * resolve inside them, as it will in the guest.
+ */
+async function sidClientEntries(cacheDir: string, log: (message: string) => void): Promise<{ entries: CpioEntry[]; version: string }> {
+  const fetched = await fetchSuitePackages(cacheDir, SID_CLIENT.suite, [SID_CLIENT.package], { skip: SID_CLIENT.skip, log });
+  const client = fetched[0]!;
+  const libraryDirs = fetched.flatMap((pkg) => LIBRARY_DIRS.map((dir) => join(pkg.root, dir))).filter((dir) => existsSync(dir));
+  const loader = libraryDirs.map((dir) => join(dir, LOADER)).find((path) => existsSync(path));
+  if (loader === undefined) throw new Error(`no ${LOADER} in the ${SID_CLIENT.suite} packages ${fetched.map((pkg) => pkg.name).join(' ')}`);
+  const binary = join(client.root, SID_CLIENT.binary);
+  const result = await runCommand(loader, ['--inhibit-cache', '--library-path', libraryDirs.join(':'), '--list', binary]);
+  const text = result.stdout + result.stderr;
+  const { paths, missing } = parseLdd(text);
+  if (result.code !== 0 || missing.length > 0 || /not found/.test(text)) {
+    throw new Error(`${SID_CLIENT.suite}'s ${LOADER} cannot load ${SID_CLIENT.binary} from the ${SID_CLIENT.suite} packages:\n${text.trim()}`);
+  }
+  const outside = paths.filter((path) => !fetched.some((pkg) => path.startsWith(`${pkg.root}/`)));
+  if (outside.length > 0) throw new Error(`${SID_CLIENT.suite}'s ${LOADER} would load ${outside.join(', ')} from this machine`);
+  const dir = SID_CLIENT.guestDir;
+  const wrapper = `#!/bin/sh\nexec ${dir}/lib/${LOADER} --inhibit-cache --library-path ${dir}/lib ${dir}/sbin/nbd-client "$@"\n`;
+  return {
+    version: client.version,
+    entries: [
+      ...paths.map((path): CpioEntry => ({ kind: 'file', path: `${dir}/lib/${basename(path)}`, source: path })),
+      { kind: 'file', path: `${dir}/sbin/nbd-client`, source: binary },
+      { kind: 'file', path: SID_CLIENT.wrapper, source: Buffer.from(wrapper) },
+    ],
+  };
+}
 
 /** The committed guest script: beside this module in scripts/vm, or three levels up from dist. */
 function guestInitPath(): string {
@@ -80,6 +137,8 @@ interface GuestImage {
   initrd: string;
   initrdBytes: number;
   modules: string[];
+  /** The version of sid's nbd-client in the guest. */
+  sidClientVersion: string;
 }
 
 /**
@@ -100,6 +159,7 @@ async function buildGuestImage(cacheDir: string, workDir: string, log: (message:
 
   const binaries = GUEST_BINARIES.map((binary) => ({ ...binary, source: join(unpacked.get(binary.pkg)!, binary.from) }));
   const libraries = await libraryClosure(binaries.map((binary) => binary.source));
+  const sidClient = await sidClientEntries(cacheDir, log);
 
   const entries: CpioEntry[] = [
     { kind: 'file', path: '/init', source: guestInitPath() },
@@ -117,10 +177,18 @@ async function buildGuestImage(cacheDir: string, workDir: string, log: (message:
       source: Buffer.from(modules.map((module) => `${module.name}\n`).join('')),
       mode: 0o644,
     },
+    ...sidClient.entries,
   ];
   const initrd = join(workDir, 'initrd.cpio');
   const initrdBytes = await writeCpio(initrd, entries);
-  return { kernel, kernelPackage, initrd, initrdBytes, modules: modules.map((module) => module.name) };
+  return {
+    kernel,
+    kernelPackage,
+    initrd,
+    initrdBytes,
+    modules: modules.map((module) => module.name),
+    sidClientVersion: sidClient.version,
+  };
 }
 
 export interface KernelTestOptions {
@@ -139,6 +207,8 @@ export interface KernelTestOptions {
 
 export interface KernelTestResult {
   kernelPackage: string;
+  /** The version of sid's nbd-client, which the restart job uses. */
+  sidClientVersion: string;
   steps: StepReport[];
   /** From QEMU's start to the guest's `boot` step. */
   bootMs: number;
@@ -212,14 +282,17 @@ export async function runKernelTest(options: KernelTestOptions): Promise<KernelT
   const workDir = await mkdtemp(join(tmpdir(), 'clonebd-vm-'));
   try {
     const image = await buildGuestImage(options.cacheDir ?? DEFAULT_CACHE_DIR, workDir, log);
-    log(`${image.kernelPackage}, initramfs ${(image.initrdBytes / 2 ** 20).toFixed(0)} MiB, modules ${image.modules.join(' ')}`);
+    log(
+      `${image.kernelPackage}, nbd-client ${image.sidClientVersion} from ${SID_CLIENT.suite}, ` +
+        `initramfs ${(image.initrdBytes / 2 ** 20).toFixed(0)} MiB, modules ${image.modules.join(' ')}`,
+    );
     const run = await bootAndWatch(image, options, deadline);
     const totalMs = performance.now() - started;
     const tail = run.console.slice(-CONSOLE_TAIL_LINES).join('\n');
     if (run.stopReason !== undefined) throw new KernelTestError(run.stopReason, run.steps, tail);
     const verdict = judgeSteps(expected, run.steps);
     if (!verdict.ok) throw new KernelTestError(verdict.reason, run.steps, tail);
-    return { kernelPackage: image.kernelPackage, steps: run.steps, bootMs: run.bootMs, vmMs: run.vmMs, totalMs };
+    return { kernelPackage: image.kernelPackage, sidClientVersion: image.sidClientVersion, steps: run.steps, bootMs: run.bootMs, vmMs: run.vmMs, totalMs };
   } finally {
     await rm(workDir, { recursive: true, force: true });
   }

@@ -1,21 +1,32 @@
 /**
  * The real kernel client, in a VM: Debian's kernel booted in QEMU without KVM attaches a real
- * `clonebd serve` through nbd.ko and Debian's nbd-client (scripts/vm/). One boot runs three jobs
+ * `clonebd serve` through nbd.ko and Debian's nbd-client (scripts/vm/). One boot runs four jobs
  * to keep the time down: a 5 GiB volume (mkfs.ext4, mount, write and fsync, e2fsck, detach and
  * reattach, fio), a clone whose first 8 MiB must be its source's at clone time although the
- * source was overwritten after the clone, and nbd-client -persist across a restart of the server
- * on the same TCP port.
+ * source was overwritten after the clone, and two restarts of the server (on the same TCP port and
+ * Unix socket) with I/O started while it is down: under sid's nbd-client over netlink (-persist,
+ * -dead-timeout) and under qemu-nbd -c (reconnect-delay), which must carry that I/O through.
  *
- * The judge of the guest's step reports is checked on its own first, without a VM.
+ * The judge of the guest's step reports and the readers of apt, ldd, modinfo and the archive's
+ * index are checked on their own first, without a VM.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { NbdClient } from '../../native-free/index.js';
 import { modinfoDependencies, parseLdd, parsePrintUris } from '../../scripts/vm/assets.js';
-import { expectedSteps, judgeSteps, parseHostLine, parseStepLine, type GuestJob, type StepReport } from '../../scripts/vm/guest-plan.js';
+import {
+  expectedSteps,
+  jobArguments,
+  judgeSteps,
+  parseHostLine,
+  parseStepLine,
+  type GuestJob,
+  type StepReport,
+} from '../../scripts/vm/guest-plan.js';
 import { newcHeader } from '../../scripts/vm/initramfs.js';
 import { runKernelTest } from '../../scripts/vm/kernel-vm.js';
+import { debFileName, dependencyClosure, indexPackages, parseStanzas, releaseChecksum } from '../../scripts/vm/suite-packages.js';
 import { AdminClient } from '../../src/control/admin-client.js';
 import { startServerProcess, stopAllServerProcesses, type ServerProcess } from '../helpers/server-process.js';
 import { makeTempDir, removeTempDirs, requireTools } from '../helpers/tools.js';
@@ -41,6 +52,27 @@ describe('the guest step judge', () => {
     [swapped[3], swapped[4]] = [swapped[4]!, swapped[3]!];
     expect(judgeSteps(expected, swapped)).toMatchObject({ ok: false, reason: `step ${expected[4]} came where ${expected[3]} was expected` });
     expect(judgeSteps(expected, [...all(), { name: 'extra', ok: true, detail: '' }])).toMatchObject({ ok: false });
+  });
+
+  it('hands a restart job its client and timeouts on the command line, and expects the held I/O steps', () => {
+    const restart: GuestJob = {
+      kind: 'restart',
+      name: 'r',
+      exportName: 'vol',
+      target: { path: 'nbd.sock' },
+      client: 'qemu-nbd',
+      timeoutSeconds: 10,
+      holdSeconds: 15,
+    };
+    expect(jobArguments([restart])).toEqual(['clonebd.job=r,restart,vol,qemu-nbd,10,15']);
+    expect(() => jobArguments([{ ...restart, holdSeconds: 0 }])).toThrow(/holdSeconds/);
+    const tcp = { host: '127.0.0.1', port: 1 };
+    expect(jobArguments([{ ...restart, target: tcp }, { ...restart, name: 's' }])).toHaveLength(2);
+    expect(() => jobArguments([restart, { kind: 'fs', name: 'f', exportName: 'vol', target: tcp }])).toThrow(/Unix socket/);
+    const steps = expectedSteps([restart]);
+    expect(steps.indexOf('r.io-held')).toBeGreaterThan(steps.indexOf('r.link-down'));
+    expect(steps.indexOf('r.server-started')).toBeGreaterThan(steps.indexOf('r.io-held'));
+    expect(steps.indexOf('r.held-io')).toBeGreaterThan(steps.indexOf('r.server-started'));
   });
 
   it('finds step and host lines in the console, also behind kernel messages', () => {
@@ -103,6 +135,81 @@ describe('reading apt, ldd and modinfo', () => {
   });
 });
 
+describe("reading a suite's index from the Debian archive", () => {
+  const index = indexPackages(
+    [
+      'Package: tool',
+      'Version: 1:2.0-1',
+      'Depends: libc6 (>= 2.38), libnl-3-200 (= 3.12.0-2), debconf (>= 0.5) | debconf-2.0',
+      'Filename: pool/main/t/tool/tool_2.0-1_amd64.deb',
+      'Size: 100',
+      `SHA256: ${'a'.repeat(64)}`,
+      'Description: a tool',
+      ' that does things',
+      '',
+      'Package: libc6',
+      'Version: 2.43-7',
+      'Pre-Depends: libgcc-s1',
+      'Filename: pool/main/g/glibc/libc6_2.43-7_amd64.deb',
+      'Size: 200',
+      `SHA256: ${'b'.repeat(64)}`,
+      '',
+      'Package: libgcc-s1',
+      'Version: 16.2.0-4',
+      'Depends: libc6 (>= 2.35)',
+      'Filename: pool/main/g/gcc-16/libgcc-s1_16.2.0-4_amd64.deb',
+      'Size: 300',
+      `SHA256: ${'c'.repeat(64)}`,
+      '',
+      'Package: libnl-3-200',
+      'Version: 3.12.0-2',
+      'Depends: libc6:any | libc6-udeb',
+      'Filename: pool/main/libn/libnl3/libnl-3-200_3.12.0-2_amd64.deb',
+      'Size: 400',
+      `SHA256: ${'d'.repeat(64)}`,
+      '',
+      'Package: debconf',
+      'Version: 1.5.91',
+      'Depends: perl-base',
+      'Filename: pool/main/d/debconf/debconf_1.5.91_all.deb',
+      'Size: 500',
+      `SHA256: ${'e'.repeat(64)}`,
+      '',
+    ].join('\n'),
+  );
+
+  it('follows Pre-Depends and Depends once each, first alternative the index has, skipping what it is told to', () => {
+    const closure = dependencyClosure(index, ['tool'], ['debconf']);
+    expect(closure.map((pkg) => pkg.name)).toEqual(['tool', 'libc6', 'libnl-3-200', 'libgcc-s1']);
+    expect(closure[0]).toEqual({
+      name: 'tool',
+      version: '1:2.0-1',
+      filename: 'pool/main/t/tool/tool_2.0-1_amd64.deb',
+      sha256: 'a'.repeat(64),
+      size: 100,
+    });
+    expect(debFileName(closure[0]!)).toBe('tool_1%3a2.0-1_amd64.deb');
+    // Without the skip, debconf's perl-base is a package this index lacks.
+    expect(() => dependencyClosure(index, ['tool'])).toThrow(/perl-base/);
+    expect(() => dependencyClosure(index, ['absent'])).toThrow(/no package absent/);
+  });
+
+  it('reads continuation lines, and the SHA256 list of a Release file', () => {
+    const [tool] = parseStanzas(index.get('tool')!);
+    expect(tool!.get('Description')).toBe('a tool\nthat does things');
+    const [release] = parseStanzas(
+      [
+        'Origin: Debian',
+        'SHA256:',
+        ` ${'1'.repeat(64)} 64988655 main/binary-amd64/Packages`,
+        ` ${'2'.repeat(64)} 15001303 main/binary-amd64/Packages.gz`,
+      ].join('\n'),
+    );
+    expect(releaseChecksum(release!, 'main/binary-amd64/Packages.gz')).toEqual({ sha256: '2'.repeat(64), size: 15001303 });
+    expect(() => releaseChecksum(release!, 'main/binary-arm64/Packages.gz')).toThrow(/no SHA256/);
+  });
+});
+
 describe('Debian kernel, nbd.ko and nbd-client in a VM', () => {
   afterEach(async () => {
     await stopAllServerProcesses();
@@ -122,8 +229,8 @@ describe('Debian kernel, nbd.ko and nbd-client in a VM', () => {
     }
   }
 
-  it('attaches a volume and a clone, formats, mounts, checks, reattaches, runs fio, and keeps the data across a server restart', { timeout: 10 * 60_000 }, async (ctx) => {
-    requireTools(ctx, 'qemu-system-x86_64', 'apt-get', 'dpkg', 'ldd', 'nbd-client', 'socat', 'mke2fs', 'e2fsck', 'fio');
+  it('attaches a volume and a clone, formats, mounts, checks, reattaches, runs fio, and carries I/O across a server restart', { timeout: 10 * 60_000 }, async (ctx) => {
+    requireTools(ctx, 'qemu-system-x86_64', 'apt-get', 'dpkg', 'ldd', 'gpgv', 'nbd-client', 'socat', 'mke2fs', 'e2fsck', 'fio', 'qemu-nbd');
     const pool = join(await makeTempDir('clonebd-kernel-vm-'), 'pool');
     // The VM's chardevs connect when QEMU starts and handshake only when the guest attaches.
     const serveArgs = ['--handshake-timeout', '0'];
@@ -143,6 +250,15 @@ describe('Debian kernel, nbd.ko and nbd-client in a VM', () => {
     await writeExport(port, 'source', randomBytes(8 * MiB));
 
     const tcp = { host: '127.0.0.1', port };
+    // The server comes back on the same TCP port and Unix socket; the restart jobs go through the
+    // socket, since the second one's port sits idle through the first one's restart (see jobArguments).
+    const restart = {
+      kind: 'restart',
+      exportName: 'restart',
+      target: { path: join(pool, 'nbd.sock') },
+      timeoutSeconds: 10,
+      holdSeconds: 15,
+    } as const;
     const jobs: GuestJob[] = [
       { kind: 'fs', name: 'plain', exportName: 'plain', target: tcp },
       {
@@ -153,14 +269,15 @@ describe('Debian kernel, nbd.ko and nbd-client in a VM', () => {
         sha256: createHash('sha256').update(atCloneTime).digest('hex'),
         bytes: atCloneTime.length,
       },
-      { kind: 'restart', name: 'restart', exportName: 'restart', target: tcp, timeoutSeconds: 30 },
+      { ...restart, name: 'restart', client: 'nbd-client' },
+      { ...restart, name: 'restart-qemu', client: 'qemu-nbd' },
     ];
     const requests: string[] = [];
     const result = await runKernelTest({
       jobs,
       timeoutMs: 8 * 60_000,
-      onHostRequest: async (request) => {
-        requests.push(request);
+      onHostRequest: async (request, job) => {
+        requests.push(`${request} ${job}`);
         if (request === 'stop-server') {
           const status = await server.stop();
           if (status.killed) throw new Error('the server did not stop on SIGTERM');
@@ -170,18 +287,24 @@ describe('Debian kernel, nbd.ko and nbd-client in a VM', () => {
       },
     });
 
-    expect(requests).toEqual(['stop-server', 'start-server']);
+    expect(requests).toEqual(['stop-server restart', 'start-server restart', 'stop-server restart-qemu', 'start-server restart-qemu']);
     const detail = (name: string): string => result.steps.find((step) => step.name === name)?.detail ?? '';
     // The kernel's view: 512-byte logical blocks, a volatile cache to flush, FUA.
-    for (const job of ['plain', 'clone', 'restart']) {
+    for (const job of ['plain', 'clone', 'restart', 'restart-qemu']) {
       expect(detail(`${job}.attach`)).toMatch(/logical_block=512 .*write_cache=write_back fua=1/);
     }
     expect(detail('plain.attach')).toContain(`size=${5 * GiB}`);
     expect(detail('clone.source-data')).toBe(`first ${8 * MiB} bytes match`);
-    // Data written before the restart was read back after it (checked by the guest), on the same port.
+    // The read and the write issued while the server was down completed, on the same connection
+    // as far as the kernel knows, and both read back (the guest compared the data).
+    expect(detail('restart-qemu.held-io')).toMatch(/^resumed: /);
+    expect(detail('restart-qemu.reattach')).toBe('still attached');
+    expect(detail('restart-qemu.read')).toContain('the held write at 8 MiB read back');
     expect(server.port).toBe(port);
     console.info(
-      `kernel VM: ${result.kernelPackage}, boot ${(result.bootMs / 1000).toFixed(1)} s, VM ${(result.vmMs / 1000).toFixed(1)} s; ${detail('restart.reconnect')}`,
+      `kernel VM: ${result.kernelPackage}, boot ${(result.bootMs / 1000).toFixed(1)} s, VM ${(result.vmMs / 1000).toFixed(1)} s; ` +
+        `sid nbd-client ${result.sidClientVersion}: held I/O ${detail('restart.held-io')}, ${detail('restart.reattach')}; ` +
+        `qemu-nbd: held I/O ${detail('restart-qemu.held-io')}`,
     );
   });
 });
