@@ -19,6 +19,7 @@ import { createIdentityHandlers } from '../csi/identity.js';
 import { createNodeHandlers } from '../csi/node.js';
 import { readAdminToken } from './admin-commands.js';
 import { parseListen } from './parse.js';
+import { stopSignal } from './stop-signal.js';
 import { adminSocketPath, defaultPoolDir, nbdSocketPath } from './serve.js';
 
 const env = process.env;
@@ -143,17 +144,9 @@ async function run(args: CsiArgs): Promise<void> {
   };
   const driver = new CsiDriver({ logger, services });
   const socket = await driver.start(args.endpoint);
+  const stopped = stopSignal(logger);
   logger.info({ endpoint: `unix://${socket}`, driverName, nodeId, services: Object.keys(services) }, 'listening');
-  await new Promise<void>((resolve) => {
-    const stop = (signal: NodeJS.Signals): void => {
-      logger.info({ signal }, 'shutting down');
-      process.off('SIGTERM', stop);
-      process.off('SIGINT', stop);
-      resolve();
-    };
-    process.on('SIGTERM', stop);
-    process.on('SIGINT', stop);
-  });
+  await stopped;
   await driver.close();
 }
 

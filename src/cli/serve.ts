@@ -28,6 +28,7 @@ import { OperationError } from '../util/errors.js';
 import { Registry } from '../util/metrics.js';
 import { poolGauges, startMetricsEndpoint } from './metrics-endpoint.js';
 import { parseListen, parseSize, type HostPort } from './parse.js';
+import { stopSignal } from './stop-signal.js';
 
 export const DEFAULT_LISTEN = '127.0.0.1:10809';
 export const DEFAULT_VOLUME_NAME = 'default';
@@ -170,17 +171,7 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
     await pool.close();
     throw error;
   }
-  // Handlers go in before the "listening" line, so a signal sent on seeing it is handled.
-  const stopped = new Promise<void>((resolve) => {
-    const stop = (signal: NodeJS.Signals): void => {
-      logger.info({ signal }, 'shutting down');
-      process.off('SIGTERM', stop);
-      process.off('SIGINT', stop);
-      resolve();
-    };
-    process.on('SIGTERM', stop);
-    process.on('SIGINT', stop);
-  });
+  const stopped = stopSignal(logger);
   // The listening line is the daemon's handshake with whoever started it: printed whatever the
   // level, unless logging is off altogether.
   const announcer = logger.level === 'silent' ? logger : logger.child({}, { level: 'info' });

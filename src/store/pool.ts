@@ -193,6 +193,15 @@ function checkSize(size: number): void {
   }
 }
 
+/** The extents of `map` holding `value`, as [start, end) block ranges. */
+function runsHolding(map: BlockMap, value: number): Array<[number, number]> {
+  const runs: Array<[number, number]> = [];
+  map.extents(0, Infinity, (start, end, held) => {
+    if (held === value) runs.push([start, end]);
+  });
+  return runs;
+}
+
 function blocksOf(size: number): number {
   return Math.ceil(size / BLOCK_SIZE);
 }
@@ -1372,56 +1381,20 @@ export class Pool implements ExportCatalog {
 
   /** Absorbs frozen `layer` into its parent, which nothing else uses (see the design comment). */
   async #absorb(layer: Layer, parent: Layer): Promise<boolean> {
-    const startedAt = Date.now();
     // A punch still due in the parent's file could land where the child's blocks are copied.
     const punchDue = (): boolean => [...this.#trimmed, ...this.#punchable].some(([id]) => id === parent.id);
     if (punchDue()) await this.flush();
     while (this.#punching !== undefined) await this.#punching;
     if (punchDue()) return false;
-    const runs: Array<[number, number]> = [];
-    layer.map.extents(0, Infinity, (start, end, value) => {
-      if (value === layer.id) runs.push([start, end]);
+    return this.#copyAndCommit({
+      source: layer,
+      target: parent,
+      runs: runsHolding(layer.map, layer.id),
+      readersOf: layer,
+      valid: () => this.#stillAbsorbable(layer, parent),
+      record: { op: 'absorb', layer: layer.id, into: parent.id },
+      done: 'absorbed a frozen layer into its parent',
     });
-    const absorbable = (): boolean => this.#stillAbsorbable(layer, parent);
-    for (const [start, end] of runs) {
-      for (let at = start; at < end; at += FLATTEN_STEP) {
-        if (!absorbable()) return false;
-        const stop = Math.min(end, at + FLATTEN_STEP);
-        try {
-          const buffer = Buffer.allocUnsafe((stop - at) * BLOCK_SIZE);
-          await this.#readLayer(layer, buffer, at * BLOCK_SIZE);
-          // As in #foldFrozen: no await between this check and opening the parent's file.
-          if (!absorbable()) return false;
-          const handle = await this.#file(parent, true);
-          await handle.write(buffer, 0, buffer.length, at * BLOCK_SIZE);
-          this.#dirty.add(parent.id);
-        } catch (error) {
-          if (!absorbable()) return false;
-          throw ioError(error, `copying blocks into layer ${parent.id}`);
-        }
-      }
-    }
-    const copied = Date.now();
-    for (let attempt = 0; attempt < FOLD_GATE_ATTEMPTS; attempt++) {
-      const readers = this.#volumesUnder(layer);
-      const freed = await this.#exclusiveAll(readers, () => {
-        if (!absorbable()) return [];
-        const now = this.#volumesUnder(layer);
-        if (now.length !== readers.length || now.some((volume, i) => volume !== readers[i])) return undefined;
-        return this.#record({ op: 'absorb', layer: layer.id, into: parent.id });
-      });
-      if (freed === undefined) continue;
-      if (freed.length === 0) return false;
-      const held = Date.now();
-      await this.flush();
-      this.#removeInBackground(freed);
-      this.#log?.debug(
-        { layer: layer.id, into: parent.id, runs: runs.length, copyMs: copied - startedAt, commitMs: Date.now() - held },
-        'absorbed a frozen layer into its parent',
-      );
-      return true;
-    }
-    return false;
   }
 
   /**
@@ -1462,30 +1435,51 @@ export class Pool implements ExportCatalog {
   }
 
   /** Folds frozen `layer` into its frozen only child (see the design comment). */
-  async #foldFrozen(layer: Layer, child: Layer): Promise<boolean> {
-    const startedAt = Date.now();
-    const runs: Array<[number, number]> = [];
-    child.map.extents(0, Infinity, (start, end, value) => {
-      if (value === layer.id) runs.push([start, end]);
+  #foldFrozen(layer: Layer, child: Layer): Promise<boolean> {
+    return this.#copyAndCommit({
+      source: layer,
+      target: child,
+      runs: runsHolding(child.map, layer.id),
+      readersOf: child,
+      valid: () => !this.#closed && this.#stillFrozenFoldable(layer, child),
+      record: { op: 'fold', layer: layer.id, into: child.id },
+      done: 'folded a frozen layer',
     });
-    const foldable = (): boolean => !this.#closed && this.#stillFrozenFoldable(layer, child);
+  }
+
+  /**
+   * A fold's or an absorb's work: copies `runs` of blocks from `source`'s file into `target`'s
+   * with no gate (both are frozen), then writes `record` with the gates of every volume reading
+   * through `readersOf` held. False, and nothing recorded, once `valid` fails.
+   */
+  async #copyAndCommit(merge: {
+    source: Layer;
+    target: Layer;
+    runs: ReadonlyArray<[number, number]>;
+    readersOf: Layer;
+    valid: () => boolean;
+    record: MetaRecord;
+    done: string;
+  }): Promise<boolean> {
+    const { source, target, runs, readersOf, valid, record } = merge;
+    const startedAt = Date.now();
     for (const [start, end] of runs) {
       for (let at = start; at < end; at += FLATTEN_STEP) {
-        if (!foldable()) return false;
+        if (!valid()) return false;
         const stop = Math.min(end, at + FLATTEN_STEP);
         const reserved = this.#reserve(stop - at);
         try {
           const buffer = Buffer.allocUnsafe((stop - at) * BLOCK_SIZE);
-          await this.#readLayer(layer, buffer, at * BLOCK_SIZE);
-          // Checked again with no await before the child's file is opened: a child released
+          await this.#readLayer(source, buffer, at * BLOCK_SIZE);
+          // Checked again with no await before the target's file is opened: a target released
           // meanwhile has had its file removed, and opening it would create it anew.
-          if (!foldable()) return false;
-          const handle = await this.#file(child, true);
+          if (!valid()) return false;
+          const handle = await this.#file(target, true);
           await handle.write(buffer, 0, buffer.length, at * BLOCK_SIZE);
-          this.#dirty.add(child.id);
+          this.#dirty.add(target.id);
         } catch (error) {
-          if (!foldable()) return false;
-          throw ioError(error, `copying blocks into layer ${child.id}`);
+          if (!valid()) return false;
+          throw ioError(error, `copying blocks into layer ${target.id}`);
         } finally {
           this.#reservedBlocks -= reserved;
         }
@@ -1495,12 +1489,12 @@ export class Pool implements ExportCatalog {
     // A copy made of a volume while this one copied adds a reader whose gate is not held yet:
     // take the gates again rather than throw the copying away.
     for (let attempt = 0; attempt < FOLD_GATE_ATTEMPTS; attempt++) {
-      const readers = this.#volumesUnder(child);
+      const readers = this.#volumesUnder(readersOf);
       const freed = await this.#exclusiveAll(readers, () => {
-        if (!foldable()) return [];
-        const now = this.#volumesUnder(child);
+        if (!valid()) return [];
+        const now = this.#volumesUnder(readersOf);
         if (now.length !== readers.length || now.some((volume, i) => volume !== readers[i])) return undefined;
-        return this.#record({ op: 'fold', layer: layer.id, into: child.id });
+        return this.#record(record);
       });
       if (freed === undefined) continue;
       if (freed.length === 0) return false;
@@ -1508,8 +1502,8 @@ export class Pool implements ExportCatalog {
       await this.flush();
       this.#removeInBackground(freed);
       this.#log?.debug(
-        { layer: layer.id, into: child.id, runs: runs.length, copyMs: copied - startedAt, commitMs: Date.now() - held },
-        'folded a frozen layer',
+        { layer: source.id, into: target.id, runs: runs.length, copyMs: copied - startedAt, commitMs: Date.now() - held },
+        merge.done,
       );
       return true;
     }
