@@ -47,6 +47,18 @@ export class ByteQueue {
     return count;
   }
 
+  /**
+   * Copies what is queued into one buffer of its own: after this, the chunks pushed so far may be
+   * overwritten by whoever lent them.
+   */
+  detach(): void {
+    if (this.#length === 0) return;
+    const copy = Buffer.allocUnsafe(this.#length);
+    this.#copyInto(copy, 0, this.#length);
+    this.#chunks = [copy];
+    this.#head = 0;
+  }
+
   /** Discards up to `n` bytes; returns how many were discarded. */
   skip(n: number): number {
     let remaining = Math.min(n, this.#length);

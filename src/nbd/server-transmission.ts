@@ -6,6 +6,10 @@
  * exceeds the payload limit is reported at once (so it can be refused) and its payload is then
  * discarded as it arrives, so framing survives without buffering it. A wrong request magic is
  * the only framing error: nothing after it can be trusted.
+ *
+ * A payload is always copied into a buffer of its own (from `allocate`), never a view of the
+ * queued chunks, so the chunks may be lent and reused. While a payload is being received, its
+ * remaining space is offered so that the caller can read the socket straight into it.
  */
 import { ByteQueue, readSafeU64, writeU64 } from './byte-queue.js';
 import * as C from './constants.js';
@@ -33,10 +37,13 @@ type ParserState =
 
 export class RequestParser {
   readonly #maxPayload: number;
+  readonly #allocate: (length: number) => Buffer;
   #state: ParserState = { kind: 'header' };
 
-  constructor(maxPayload: number) {
+  /** Payloads go into buffers from `allocate`. */
+  constructor(maxPayload: number, allocate: (length: number) => Buffer = Buffer.allocUnsafe) {
     this.#maxPayload = maxPayload;
+    this.#allocate = allocate;
   }
 
   /** Bytes of the request being received that are still owed by the client. */
@@ -45,6 +52,22 @@ export class RequestParser {
     if (state.kind === 'payload') return state.buffer.length - state.filled;
     if (state.kind === 'discard') return state.remaining;
     return 0;
+  }
+
+  /** The unfilled rest of the payload being received, when it is at least `minimum` bytes. */
+  payloadSpace(minimum: number): Buffer | undefined {
+    const state = this.#state;
+    if (state.kind !== 'payload' || state.buffer.length - state.filled < minimum) return undefined;
+    return state.buffer.subarray(state.filled);
+  }
+
+  /** `count` bytes were written into the space payloadSpace() offered. */
+  payloadReceived(count: number): void {
+    const state = this.#state;
+    if (state.kind !== 'payload' || count > state.buffer.length - state.filled) {
+      throw new RangeError(`${count} payload bytes received outside the payload's space`);
+    }
+    state.filled += count;
   }
 
   /** The next complete request, or undefined when the queue holds too little. */
@@ -85,11 +108,7 @@ export class RequestParser {
         this.#state = { kind: 'discard', remaining: request.length };
         return { kind: 'request', request };
       }
-      if (queue.length >= request.length) {
-        request.payload = queue.take(request.length);
-        return { kind: 'request', request };
-      }
-      this.#state = { kind: 'payload', request, buffer: Buffer.allocUnsafe(request.length), filled: 0 };
+      this.#state = { kind: 'payload', request, buffer: this.#allocate(request.length), filled: 0 };
     }
   }
 }

@@ -18,6 +18,8 @@ import type { ExportCatalog } from '../store/types.js';
 import { OperationError } from '../util/errors.js';
 import type { Registry } from '../util/metrics.js';
 import { ANONYMOUS, AccessPolicy } from './access.js';
+import { BusyPoll } from './busy-poll.js';
+import { BufferPool } from '../util/buffer-pool.js';
 import { resolveLimits, type ServerLimits } from './limits.js';
 import { ServerMetrics } from './metrics.js';
 import { Session } from './session.js';
@@ -26,6 +28,11 @@ import { TlsUpgrader, type TlsCredentials } from './tls.js';
 export { DEFAULT_LIMITS, type ServerLimits } from './limits.js';
 
 export const BLOCK_SIZES: BlockSizes = { minimum: 1, preferred: 4096, maximum: MAX_PAYLOAD };
+
+/** I/O buffers kept for reuse between requests, all connections together. */
+const IDLE_BUFFER_BYTES = 64 * 1024 * 1024;
+/** One read from any connection: up to this much arrives per read syscall. */
+const READ_SCRATCH_BYTES = 256 * 1024;
 
 export interface ServerTls {
   mode: TlsMode;
@@ -100,6 +107,9 @@ export class NbdServer {
   readonly #tlsMode: TlsMode;
   readonly #tls: TlsUpgrader | undefined;
   readonly #access: AccessPolicy;
+  readonly #busyPoll: BusyPoll;
+  readonly #buffers = new BufferPool(IDLE_BUFFER_BYTES);
+  readonly #readScratch = Buffer.allocUnsafeSlow(READ_SCRATCH_BYTES);
   #nextConnectionId = 1;
   #shuttingDown = false;
 
@@ -110,6 +120,7 @@ export class NbdServer {
     this.#tlsMode = resolved.tlsMode;
     this.#tls = resolved.tls;
     this.#access = resolved.access;
+    this.#busyPoll = new BusyPoll(this.#limits.busyPollUs);
     if (options.metrics !== undefined) {
       this.#metrics = new ServerMetrics(options.metrics);
       options.metrics.gauge('clonebd_nbd_connections', 'Open NBD connections', () => [[{}, this.#sessions.size]]);
@@ -138,7 +149,7 @@ export class NbdServer {
 
   async listen(target: ListenTarget, options: ListenOptions = {}): Promise<AddressInfo | string> {
     let open = options.mode === undefined;
-    const listener = createServer((socket) => {
+    const listener = createServer({ pauseOnConnect: true }, (socket) => {
       if (open) this.#accept(socket, options.trusted === true);
       else socket.destroy();
     });
@@ -168,6 +179,7 @@ export class NbdServer {
     );
     await Promise.all([...this.#sessions].map((session) => session.shutdown()));
     await Promise.all(listenersClosed);
+    this.#busyPoll.stop();
   }
 
   #accept(socket: Socket, trusted: boolean): void {
@@ -196,6 +208,9 @@ export class NbdServer {
         logger: this.#options.logger,
         limits: this.#limits,
         metrics: this.#metrics,
+        busyPoll: this.#busyPoll,
+        buffers: this.#buffers,
+        readScratch: this.#readScratch,
         tls: trusted ? undefined : this.#tls,
         catalogFor: (peer) => access.view(catalog, peer),
         handshake: {

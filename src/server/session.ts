@@ -41,6 +41,9 @@ import {
 } from '../nbd/index.js';
 import * as C from '../nbd/constants.js';
 import type { BlockDevice, ExportCatalog, ReadPiece } from '../store/types.js';
+import { adoptAccepted } from './adopt-socket.js';
+import type { BusyPoll } from './busy-poll.js';
+import type { BufferPool } from '../util/buffer-pool.js';
 import type { ExportMetrics, ServerMetrics } from './metrics.js';
 import { OperationError } from '../util/errors.js';
 import type { Peer } from './access.js';
@@ -58,7 +61,18 @@ export interface SessionContext {
   /** What a peer that proved itself over TLS sees. */
   catalogFor: (peer: Peer) => HandshakeCatalog;
   metrics?: ServerMetrics;
+  busyPoll?: BusyPoll;
+  /** Where WRITE payloads and READ replies get their buffers, shared by all connections. */
+  buffers: BufferPool;
+  /**
+   * Where plain reads land, shared by all connections: each read is parsed, and what is left of
+   * it copied out, before the next read anywhere can happen.
+   */
+  readScratch: Buffer;
 }
+
+/** A payload with at least this much still to come is read from the socket straight into place. */
+const DIRECT_READ_MIN = 64 * 1024;
 
 const ALLOWED_FLAGS: Readonly<Record<number, number>> = {
   [C.NBD_CMD_READ]: C.NBD_CMD_FLAG_FUA | C.NBD_CMD_FLAG_DF,
@@ -109,24 +123,55 @@ export class Session {
   };
   #handshakeTimer: NodeJS.Timeout | undefined;
   readonly #onData = (chunk: Buffer): void => {
+    this.#context.busyPoll?.touch();
     this.#queue.push(chunk);
     this.#pump();
   };
+  /** Reads land in the shared scratch buffer, or straight in a large payload's remaining space. */
+  #readTarget(): Uint8Array {
+    if (this.#phase === 'transmission' && this.#queue.length === 0) {
+      const space = this.#parser.payloadSpace(DIRECT_READ_MIN);
+      if (space !== undefined) return space;
+    }
+    return this.#context.readScratch;
+  }
+
+  #onRead(count: number, buffer: Uint8Array): void {
+    this.#context.busyPoll?.touch();
+    if (buffer !== this.#context.readScratch) {
+      this.#parser.payloadReceived(count);
+      this.#pump();
+      return;
+    }
+    this.#queue.push(Buffer.from(buffer.buffer, buffer.byteOffset, count));
+    this.#pump();
+    this.#queue.detach();
+  }
+
   readonly #onDrain = (): void => {
     this.#writeBlocked = false;
     this.#pump();
   };
 
-  constructor(socket: Socket, context: SessionContext, id: number) {
-    this.#raw = socket;
-    this.#socket = socket;
+  /** `accepted` must be paused (the server's pauseOnConnect). */
+  constructor(accepted: Socket, context: SessionContext, id: number) {
     this.#context = context;
     this.#log = context.logger.child({ conn: id });
     this.#handshake = new ServerHandshake(context.handshake);
-    this.#parser = new RequestParser(context.limits.maxPayload);
+    this.#parser = new RequestParser(context.limits.maxPayload, (length) => context.buffers.acquire(length));
+    const adopted = adoptAccepted(accepted, {
+      buffer: () => this.#readTarget(),
+      callback: (count, buffer) => this.#onRead(count, buffer),
+    });
+    const socket = adopted ?? accepted;
+    this.#raw = socket;
+    this.#socket = socket;
     this.#closed = new Promise((resolve) => socket.once('close', () => resolve()));
     socket.setNoDelay(true);
-    socket.on('data', this.#onData);
+    if (adopted === undefined) {
+      socket.on('data', this.#onData);
+      socket.resume();
+    }
     socket.on('drain', this.#onDrain);
     socket.on('error', (error) => this.#log.debug({ err: error }, 'socket error'));
     socket.on('close', () => void this.#finish());
@@ -345,16 +390,21 @@ export class Session {
     if (rejection !== undefined) {
       this.#log.debug({ type: request.type, error: rejection.error, reason: rejection.message }, 'request rejected');
       this.#record(request, started, true);
+      this.#releasePayload(request);
       this.#replyError(request, rejection.error, rejection.message, bytes);
       return;
     }
-    this.#run(request).then(
+    const target = request.type === C.NBD_CMD_READ && request.length > 0 ? this.#context.buffers.acquire(request.length) : undefined;
+    this.#run(request, target).then(
       (reply) => {
         this.#record(request, started, false);
-        this.#send(reply, bytes);
+        this.#releasePayload(request);
+        this.#send(reply, bytes, target);
       },
       (error: unknown) => {
         this.#record(request, started, true);
+        this.#releasePayload(request);
+        if (target !== undefined) this.#context.buffers.release(target);
         const fastZero = (request.flags & C.NBD_CMD_FLAG_FAST_ZERO) !== 0;
         const value = nbdErrorFor(error, { fastZero });
         const level = value === C.NBD_EIO ? 'error' : 'debug';
@@ -362,6 +412,11 @@ export class Session {
         this.#replyError(request, value, error instanceof Error ? error.message : String(error), bytes);
       },
     );
+  }
+
+  /** A WRITE's payload is not needed once the store has it. */
+  #releasePayload(request: NbdRequest): void {
+    if (request.payload !== undefined) this.#context.buffers.release(request.payload);
   }
 
   /** Counts a finished request; nothing to do (and no clock read) when metrics are off. */
@@ -408,14 +463,14 @@ export class Session {
     return undefined;
   }
 
-  /** Runs a validated request; resolves to the reply's buffers. */
-  async #run(request: NbdRequest): Promise<Buffer[]> {
+  /** Runs a validated request; resolves to the reply's buffers. A READ reads into `target`. */
+  async #run(request: NbdRequest, target: Buffer | undefined): Promise<Buffer[]> {
     const device = this.#device!;
     const { cookie, offset, length, flags } = request;
     const fua = (flags & C.NBD_CMD_FLAG_FUA) !== 0;
     switch (request.type) {
       case C.NBD_CMD_READ:
-        return this.#readReply(request, length === 0 ? [] : await device.read(offset, length));
+        return this.#readReply(request, target === undefined ? [] : await device.read(offset, length, target), target);
       case C.NBD_CMD_WRITE:
         if (length > 0) await device.write(offset, request.payload!, fua);
         else if (fua) await device.flush();
@@ -442,15 +497,16 @@ export class Session {
     return [simpleReply(cookie, 0)];
   }
 
-  #readReply(request: NbdRequest, pieces: ReadPiece[]): Buffer[] {
+  #readReply(request: NbdRequest, pieces: ReadPiece[], target: Buffer | undefined): Buffer[] {
     const { cookie, offset, length } = request;
-    if (!this.#negotiated!.structuredReplies) {
-      return [simpleReply(cookie, 0), ...dataOf(pieces, length)];
+    if (target === undefined) {
+      return [this.#negotiated!.structuredReplies ? noneChunk(cookie) : simpleReply(cookie, 0)];
     }
-    if (length === 0) return [noneChunk(cookie)];
+    if (!this.#negotiated!.structuredReplies) {
+      return [simpleReply(cookie, 0), ...dataOf(pieces, offset, target)];
+    }
     if ((request.flags & C.NBD_CMD_FLAG_DF) !== 0 && pieces.length > 1) {
-      const data = dataOf(pieces, length);
-      return [offsetDataHeader(cookie, true, offset, length), ...data];
+      return [offsetDataHeader(cookie, true, offset, length), ...dataOf(pieces, offset, target)];
     }
     const out: Buffer[] = [];
     pieces.forEach((piece, index) => {
@@ -493,8 +549,10 @@ export class Session {
     this.#send([structured ? errorChunk(request.cookie, error, message) : simpleReply(request.cookie, error)], bytes);
   }
 
-  #send(buffers: Buffer[], bytes: number): void {
+  /** Writes a reply; `lent` goes back to the pool once the socket is done with it. */
+  #send(buffers: Buffer[], bytes: number, lent?: Buffer): void {
     const release = (): void => {
+      if (lent !== undefined) this.#context.buffers.release(lent);
       this.#inFlightRequests--;
       this.#inFlightBytes -= bytes;
       if (this.#inFlightRequests === 0) {
@@ -506,6 +564,7 @@ export class Session {
       release();
       return;
     }
+    this.#context.busyPoll?.touch();
     if (!this.#corked) {
       this.#corked = true;
       this.#socket.cork();
@@ -520,9 +579,11 @@ export class Session {
   }
 }
 
-/** The bytes of a read, holes filled with zeros. */
-function dataOf(pieces: ReadPiece[], length: number): Buffer[] {
-  if (pieces.length === 1 && pieces[0]!.kind === 'data') return [pieces[0]!.data];
-  if (pieces.every((piece) => piece.kind === 'zero')) return [Buffer.alloc(length)];
-  return pieces.map((piece) => (piece.kind === 'data' ? piece.data : Buffer.alloc(piece.length)));
+/** The bytes of a read in order, holes as zeros written into their place in `target`. */
+function dataOf(pieces: ReadPiece[], offset: number, target: Buffer): Buffer[] {
+  return pieces.map((piece) => {
+    if (piece.kind === 'data') return piece.data;
+    const at = piece.offset - offset;
+    return target.fill(0, at, at + piece.length).subarray(at, at + piece.length);
+  });
 }

@@ -208,7 +208,7 @@ function blocksOf(size: number): number {
 
 /** The I/O a handle needs; bound to one pool. */
 interface VolumeIo {
-  read(volume: Volume, offset: number, length: number): Promise<ReadPiece[]>;
+  read(volume: Volume, offset: number, length: number, into?: Buffer): Promise<ReadPiece[]>;
   write(volume: Volume, offset: number, data: Uint8Array, fua: boolean): Promise<void>;
   zero(volume: Volume, offset: number, length: number, fua: boolean): Promise<void>;
   flush(): Promise<void>;
@@ -238,9 +238,9 @@ class VolumeHandle implements BlockDevice {
     return this.#volume.kind === 'snapshot';
   }
 
-  async read(offset: number, length: number): Promise<ReadPiece[]> {
+  async read(offset: number, length: number, into?: Buffer): Promise<ReadPiece[]> {
     this.#check();
-    return this.#io.read(this.#volume, offset, length);
+    return this.#io.read(this.#volume, offset, length, into);
   }
 
   async write(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
@@ -340,7 +340,7 @@ export class Pool implements ExportCatalog {
     this.#capacityBytes = options.capacityBytes;
     this.#checkpointBytes = options.checkpointBytes ?? DEFAULT_CHECKPOINT_BYTES;
     this.#io = {
-      read: (volume, offset, length) => this.#read(volume, offset, length),
+      read: (volume, offset, length, into) => this.#read(volume, offset, length, into),
       write: (volume, offset, data, fua) => this.#write(volume, offset, data, fua),
       zero: (volume, offset, length, fua) => this.#zero(volume, offset, length, fua),
       flush: () => this.flush(),
@@ -654,7 +654,7 @@ export class Pool implements ExportCatalog {
 
   // ---- I/O -----------------------------------------------------------------------------------
 
-  async #read(volume: Volume, offset: number, length: number): Promise<ReadPiece[]> {
+  async #read(volume: Volume, offset: number, length: number, into?: Buffer): Promise<ReadPiece[]> {
     await volume.gate.enterShared();
     try {
       this.#checkOpen(volume);
@@ -670,7 +670,7 @@ export class Pool implements ExportCatalog {
           else pieces.push({ kind: 'zero', offset: from, length: to - from });
           return;
         }
-        const data = Buffer.allocUnsafe(to - from);
+        const data = into === undefined ? Buffer.allocUnsafe(to - from) : into.subarray(from - offset, to - offset);
         pieces.push({ kind: 'data', offset: from, data });
         reads.push(this.#readLayer(this.#layers.get(value)!, data, from));
       });

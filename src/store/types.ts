@@ -29,7 +29,11 @@ export interface BlockDevice {
   /** Current virtual size in bytes. */
   readonly size: number;
   readonly readOnly: boolean;
-  read(offset: number, length: number): Promise<ReadPiece[]>;
+  /**
+   * When `into` (at least `length` bytes) is given, data pieces may be views of it, each at its
+   * offset minus `offset`; the caller owns it and may reuse it once done with the pieces.
+   */
+  read(offset: number, length: number, into?: Buffer): Promise<ReadPiece[]>;
   write(offset: number, data: Uint8Array, fua: boolean): Promise<void>;
   trim(offset: number, length: number, fua: boolean): Promise<void>;
   zero(offset: number, length: number, options: ZeroOptions): Promise<void>;

@@ -210,6 +210,8 @@ describe('limit options on the command line', () => {
       ['--max-request-size', '1GiB'],
       ['--handshake-timeout', '-1'],
       ['--idle-timeout', 'soon'],
+      ['--busy-poll', '-1'],
+      ['--busy-poll', '2000000'],
     ] as const;
     const results = await Promise.all(
       cases.map(([option, value]) => run(process.execPath, [CLI_PATH, 'serve', '--pool', pool, '--listen', '127.0.0.1:0', option, value])),

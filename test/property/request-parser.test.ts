@@ -105,6 +105,67 @@ describe('RequestParser', () => {
     expect(whole.map((r) => r.type)).toEqual([WRITE, 0, WRITE, 3]);
   });
 
+  it('parses the same when reads land in one reused scratch buffer or straight into the payload', () => {
+    fc.assert(
+      fc.property(
+        fc.array(wireRequest, { maxLength: 8 }),
+        fc.array(fc.integer({ min: 1, max: 100 }), { minLength: 1, maxLength: 30 }),
+        fc.integer({ min: 1, max: MAX_PAYLOAD }),
+        (requests, readSizes, directMinimum) => {
+          const stream = Buffer.concat(requests.map(encode));
+          const parser = new RequestParser(MAX_PAYLOAD);
+          const queue = new ByteQueue();
+          const scratch = Buffer.alloc(100);
+          const parsed: NbdRequest[] = [];
+          const drain = (): void => {
+            for (let result = parser.next(queue); result !== undefined; result = parser.next(queue)) {
+              if (result.kind === 'fatal') throw new Error(result.reason);
+              parsed.push(result.request);
+            }
+          };
+          let at = 0;
+          for (let read = 0; at < stream.length; read++) {
+            const size = readSizes[read % readSizes.length]!;
+            const space = queue.length === 0 ? parser.payloadSpace(directMinimum) : undefined;
+            if (space !== undefined) {
+              const count = Math.min(size, space.length, stream.length - at);
+              stream.copy(space, 0, at, at + count);
+              parser.payloadReceived(count);
+              at += count;
+              drain();
+              continue;
+            }
+            const count = Math.min(size, scratch.length, stream.length - at);
+            stream.copy(scratch, 0, at, at + count);
+            at += count;
+            queue.push(scratch.subarray(0, count));
+            drain();
+            queue.detach();
+            scratch.fill(0xee);
+          }
+          expect(queue.length).toBe(0);
+          expect(parsed.map((r) => [r.type, r.length, r.payloadTooLarge === true])).toEqual(
+            requests.map((r) => [r.type, r.payload.length, r.type === WRITE && r.payload.length > MAX_PAYLOAD]),
+          );
+          parsed.forEach((got, index) => {
+            if (got.payload !== undefined) expect([...got.payload]).toEqual([...requests[index]!.payload]);
+          });
+        },
+      ),
+    );
+  });
+
+  it('refuses payload bytes outside the space it offered', () => {
+    const parser = new RequestParser(MAX_PAYLOAD);
+    const queue = new ByteQueue();
+    expect(() => parser.payloadReceived(1)).toThrow(RangeError);
+    queue.push(encode({ flags: 0, type: WRITE, cookie: new Uint8Array(8), offset: 0n, payload: new Uint8Array(10) }).subarray(0, 28));
+    expect(parser.next(queue)).toBeUndefined();
+    expect(parser.payloadSpace(11)).toBeUndefined();
+    expect(parser.payloadSpace(10)?.length).toBe(10);
+    expect(() => parser.payloadReceived(11)).toThrow(RangeError);
+  });
+
   it('reports a bad magic as fatal', () => {
     const bytes = encode({ flags: 0, type: 0, cookie: new Uint8Array(8), offset: 0n, payload: new Uint8Array(0) });
     bytes.writeUInt32BE(0x12345678, 0);

@@ -1,0 +1,53 @@
+/**
+ * Adaptive busy polling: for a short window after NBD traffic, the event loop keeps polling its
+ * sockets instead of sleeping in epoll.
+ *
+ * Why: a client with one request in flight waits for a full round trip per request, and on
+ * virtual machines most of that round trip is waking a sleeping thread on another CPU (an
+ * inter-processor interrupt, tens of microseconds). While the loop polls, a request that arrives
+ * is read without that wake-up. Measured here with fio at QD1: 8.3k IOPS sleeping, 14.9k polling
+ * 200 µs. The kernel's haltpoll and SO_BUSY_POLL make the same trade.
+ *
+ * How: a pending setImmediate makes libuv poll with a zero timeout; the poller re-arms it until
+ * the window since the last activity has passed, then lets the loop sleep again. It costs CPU only
+ * while traffic keeps arriving less than a window apart.
+ */
+export class BusyPoll {
+  readonly #windowMs: number;
+  readonly #now: () => number;
+  #lastActivity = 0;
+  #polling = false;
+  #stopped = false;
+  readonly #tick = (): void => {
+    if (!this.#stopped && this.#now() - this.#lastActivity < this.#windowMs) {
+      setImmediate(this.#tick);
+    } else {
+      this.#polling = false;
+    }
+  };
+
+  /** `windowUs` 0 turns polling off. */
+  constructor(windowUs: number, now: () => number = () => performance.now()) {
+    this.#windowMs = windowUs / 1000;
+    this.#now = now;
+  }
+
+  /** Whether the loop is being kept awake. */
+  get polling(): boolean {
+    return this.#polling;
+  }
+
+  /** Traffic happened: poll for the next window. */
+  touch(): void {
+    if (this.#windowMs === 0 || this.#stopped) return;
+    this.#lastActivity = this.#now();
+    if (this.#polling) return;
+    this.#polling = true;
+    setImmediate(this.#tick);
+  }
+
+  /** No more polling, so the process may exit. */
+  stop(): void {
+    this.#stopped = true;
+  }
+}

@@ -1,0 +1,42 @@
+import { describe, expect, it } from 'vitest';
+import { BusyPoll } from '../../../src/server/busy-poll.js';
+
+/** Resolves after the event loop's check phase has run once more. */
+const nextTurn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
+describe('BusyPoll', () => {
+  it('keeps the loop polling for its window after the last activity, then lets it sleep', async () => {
+    let clock = 0;
+    const poll = new BusyPoll(200, () => clock);
+    expect(poll.polling).toBe(false);
+    poll.touch();
+    expect(poll.polling).toBe(true);
+    clock = 0.15;
+    await nextTurn();
+    await nextTurn();
+    expect(poll.polling).toBe(true);
+    poll.touch();
+    clock = 0.3;
+    await nextTurn();
+    await nextTurn();
+    expect(poll.polling).toBe(true);
+    clock = 0.36;
+    await nextTurn();
+    await nextTurn();
+    expect(poll.polling).toBe(false);
+  });
+
+  it('does nothing with a window of 0, or once stopped', async () => {
+    const off = new BusyPoll(0, () => 0);
+    off.touch();
+    expect(off.polling).toBe(false);
+    const stopped = new BusyPoll(200, () => 0);
+    stopped.touch();
+    stopped.stop();
+    await nextTurn();
+    await nextTurn();
+    expect(stopped.polling).toBe(false);
+    stopped.touch();
+    expect(stopped.polling).toBe(false);
+  });
+});
