@@ -11,15 +11,21 @@
  * How: a pending setImmediate makes libuv poll with a zero timeout; the poller re-arms it until
  * the window since the last activity has passed, then lets the loop sleep again. It costs CPU only
  * while traffic keeps arriving less than a window apart.
+ *
+ * It polls only while no request is being served: then the next event is the client's, and
+ * soon. A request waiting on the disk or the thread pool takes as long as it takes, and a polling
+ * loop would only take a core from the threads doing that work (measured here with cold reads at
+ * QD1: 3.3k IOPS polling through them, against nbdkit's 6.5k).
  */
 export class BusyPoll {
   readonly #windowMs: number;
   readonly #now: () => number;
   #lastActivity = 0;
+  #serving = 0;
   #polling = false;
   #stopped = false;
   readonly #tick = (): void => {
-    if (!this.#stopped && this.#now() - this.#lastActivity < this.#windowMs) {
+    if (!this.#stopped && this.#serving === 0 && this.#now() - this.#lastActivity < this.#windowMs) {
       setImmediate(this.#tick);
     } else {
       this.#polling = false;
@@ -37,11 +43,22 @@ export class BusyPoll {
     return this.#polling;
   }
 
-  /** Traffic happened: poll for the next window. */
+  /** A request is being served: no polling until it is answered. */
+  begin(): void {
+    this.#serving++;
+  }
+
+  /** A request was answered: poll for the client's next one. */
+  end(): void {
+    this.#serving--;
+    this.touch();
+  }
+
+  /** Traffic happened: poll for the next window, once nothing is being served. */
   touch(): void {
     if (this.#windowMs === 0 || this.#stopped) return;
     this.#lastActivity = this.#now();
-    if (this.#polling) return;
+    if (this.#polling || this.#serving > 0) return;
     this.#polling = true;
     setImmediate(this.#tick);
   }

@@ -19,7 +19,7 @@ import { OperationError } from '../util/errors.js';
 import type { Registry } from '../util/metrics.js';
 import { ANONYMOUS, AccessPolicy } from './access.js';
 import { BusyPoll } from './busy-poll.js';
-import { BufferPool } from '../util/buffer-pool.js';
+import { BufferPool, allocateShifted } from '../util/buffer-pool.js';
 import { resolveLimits, type ServerLimits } from './limits.js';
 import { ServerMetrics } from './metrics.js';
 import { Session } from './session.js';
@@ -109,7 +109,7 @@ export class NbdServer {
   readonly #access: AccessPolicy;
   readonly #busyPoll: BusyPoll;
   readonly #buffers = new BufferPool(IDLE_BUFFER_BYTES);
-  readonly #readScratch = Buffer.allocUnsafeSlow(READ_SCRATCH_BYTES);
+  readonly #readScratch = allocateShifted(READ_SCRATCH_BYTES);
   #nextConnectionId = 1;
   #shuttingDown = false;
 

@@ -381,6 +381,7 @@ export class Session {
     const started = this.#metrics === undefined ? 0 : performance.now();
     this.#inFlightRequests++;
     this.#inFlightBytes += bytes;
+    this.#context.busyPoll?.begin();
     let rejection: RequestRejected | undefined;
     try {
       rejection = this.#validate(request);
@@ -553,6 +554,7 @@ export class Session {
   #send(buffers: Buffer[], bytes: number, lent?: Buffer): void {
     const release = (): void => {
       if (lent !== undefined) this.#context.buffers.release(lent);
+      this.#context.busyPoll?.end();
       this.#inFlightRequests--;
       this.#inFlightBytes -= bytes;
       if (this.#inFlightRequests === 0) {
@@ -564,7 +566,6 @@ export class Session {
       release();
       return;
     }
-    this.#context.busyPoll?.touch();
     if (!this.#corked) {
       this.#corked = true;
       this.#socket.cork();

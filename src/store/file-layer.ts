@@ -9,9 +9,11 @@
  * the tool is missing, punchHole reports false and the space stays allocated (the store's maps
  * still say the range reads as zeros).
  *
- * Small reads and writes run synchronously while they are fast: a pread or pwrite that the page
- * cache serves costs a few microseconds on the event loop, against about nine of CPU and a thread
- * hand-off each way through libuv's pool. When slow ones become frequent (the disk is involved, or
+ * Reads and writes up to 1 MiB run synchronously while they are fast: a pread or pwrite that the
+ * page cache serves costs a few microseconds on the event loop (a 1 MiB one about 100), against
+ * about nine of CPU and a thread hand-off each way through libuv's pool, and parallel copies of
+ * one file's pages on the pool's threads contend with each other (measured here: one reader
+ * 2.1 GB/s, eight 0.5 GB/s in all). When slow ones become frequent (the disk is involved, or
  * the kernel throttles dirty pages) this layer switches to the pool for a while, so cold I/O keeps
  * its concurrency and never holds the event loop for long. A lone slow one is only the process
  * being descheduled on a busy machine, and does not count for much.
@@ -21,9 +23,14 @@ import { readSync, writeSync } from 'node:fs';
 import { constants, open, mkdir, readdir, rename, statfs, unlink, type FileHandle as NodeFileHandle } from 'node:fs/promises';
 
 /** Largest transfer tried synchronously. */
-const SYNC_IO_MAX_BYTES = 64 * 1024;
-/** A synchronous transfer slower than this says the page cache did not serve it. */
-const SYNC_IO_SLOW_MS = 0.2;
+const SYNC_IO_MAX_BYTES = 1024 * 1024;
+/**
+ * A synchronous transfer slower than the base plus its length at this rate says the page cache
+ * did not serve it: a disk read takes tens of microseconds at least, page-cache copies run at
+ * 10 GB/s and more.
+ */
+const SYNC_IO_SLOW_BASE_MS = 0.05;
+const SYNC_IO_CACHE_BYTES_PER_MS = 2_000_000;
 /** How long to stay on the thread pool once slow transfers are frequent. */
 const SYNC_IO_BACKOFF_MS = 100;
 /** The share of recent transfers that were slow, as a moving average, that means "frequent". */
@@ -35,14 +42,18 @@ export class SyncIoPolicy {
   #asyncUntil = 0;
   #slowShare = 0;
 
-  /** Runs `transfer` synchronously if allowed and returns its result, else undefined. */
-  attempt(length: number, transfer: () => number): number | undefined {
+  /**
+   * Runs `transfer` synchronously if allowed and returns its result, else undefined. `alone`: the
+   * caller has no other I/O under way, so even a slow transfer holds up nothing of its own, and
+   * going through the pool would only add two thread wake-ups to its wait.
+   */
+  attempt(length: number, transfer: () => number, alone = false): number | undefined {
     if (length > SYNC_IO_MAX_BYTES) return undefined;
     const started = performance.now();
-    if (started < this.#asyncUntil) return undefined;
+    if (started < this.#asyncUntil && !alone) return undefined;
     const result = transfer();
     const finished = performance.now();
-    const slow = finished - started > SYNC_IO_SLOW_MS ? 1 : 0;
+    const slow = finished - started > SYNC_IO_SLOW_BASE_MS + length / SYNC_IO_CACHE_BYTES_PER_MS ? 1 : 0;
     this.#slowShare += (slow - this.#slowShare) * SYNC_IO_AVERAGE_WEIGHT;
     if (this.#slowShare > SYNC_IO_SLOW_SHARE) {
       this.#asyncUntil = finished + SYNC_IO_BACKOFF_MS;
@@ -53,8 +64,11 @@ export class SyncIoPolicy {
 }
 
 export interface FileHandle {
-  /** Reads up to `length` bytes; fewer only at end of file. */
-  read(buffer: Uint8Array, offset: number, length: number, position: number): Promise<number>;
+  /**
+   * Reads up to `length` bytes; fewer only at end of file. `alone`: no other I/O of the caller is
+   * under way (a hint about how to wait).
+   */
+  read(buffer: Uint8Array, offset: number, length: number, position: number, alone?: boolean): Promise<number>;
   /** Writes all `length` bytes or throws. */
   write(buffer: Uint8Array, offset: number, length: number, position: number): Promise<void>;
   sync(): Promise<void>;
@@ -97,9 +111,9 @@ class NodeHandle implements FileHandle {
     this.#policy = policy;
   }
 
-  async read(buffer: Uint8Array, offset: number, length: number, position: number): Promise<number> {
+  async read(buffer: Uint8Array, offset: number, length: number, position: number, alone = false): Promise<number> {
     const fd = this.#handle.fd;
-    const quick = this.#policy.attempt(length, () => readFully(fd, buffer, offset, length, position));
+    const quick = this.#policy.attempt(length, () => readFully(fd, buffer, offset, length, position), alone);
     if (quick !== undefined) return quick;
     let done = 0;
     while (done < length) {

@@ -298,6 +298,8 @@ export class Pool implements ExportCatalog {
   readonly #volumes = new Map<string, Volume>();
   readonly #layers = new Map<number, Layer>();
   #nextLayerId = FIRST_LAYER_ID;
+  /** Reads and writes started and not finished, all volumes together. */
+  #ioUnderWay = 0;
   #generation = 0;
   #journal: Journal | undefined;
 
@@ -655,6 +657,15 @@ export class Pool implements ExportCatalog {
   // ---- I/O -----------------------------------------------------------------------------------
 
   async #read(volume: Volume, offset: number, length: number, into?: Buffer): Promise<ReadPiece[]> {
+    this.#ioUnderWay++;
+    try {
+      return await this.#readShared(volume, offset, length, into);
+    } finally {
+      this.#ioUnderWay--;
+    }
+  }
+
+  async #readShared(volume: Volume, offset: number, length: number, into?: Buffer): Promise<ReadPiece[]> {
     await volume.gate.enterShared();
     try {
       this.#checkOpen(volume);
@@ -682,12 +693,17 @@ export class Pool implements ExportCatalog {
   }
 
   async #write(volume: Volume, offset: number, data: Uint8Array, fua: boolean): Promise<void> {
-    await volume.gate.enterShared();
+    this.#ioUnderWay++;
     try {
-      this.#checkOpen(volume);
-      await this.#writeAt(volume.layer, volume, offset, data);
+      await volume.gate.enterShared();
+      try {
+        this.#checkOpen(volume);
+        await this.#writeAt(volume.layer, volume, offset, data);
+      } finally {
+        volume.gate.leaveShared();
+      }
     } finally {
-      volume.gate.leaveShared();
+      this.#ioUnderWay--;
     }
     if (fua) await this.flush();
   }
@@ -750,7 +766,7 @@ export class Pool implements ExportCatalog {
     let read = 0;
     try {
       const handle = await this.#file(layer, false);
-      if (handle !== undefined) read = await handle.read(target, 0, target.length, position);
+      if (handle !== undefined) read = await handle.read(target, 0, target.length, position, this.#ioUnderWay === 1);
     } catch (error) {
       throw ioError(error, `reading layer ${layer.id}`);
     }

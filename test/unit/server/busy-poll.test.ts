@@ -26,6 +26,28 @@ describe('BusyPoll', () => {
     expect(poll.polling).toBe(false);
   });
 
+  it('does not poll while a request is being served, and polls again once it is answered', async () => {
+    let clock = 0;
+    const poll = new BusyPoll(200, () => clock);
+    poll.touch();
+    poll.begin();
+    await nextTurn();
+    await nextTurn();
+    expect(poll.polling).toBe(false);
+    poll.touch();
+    expect(poll.polling).toBe(false);
+    clock = 1;
+    poll.end();
+    expect(poll.polling).toBe(true);
+    clock = 1.1;
+    await nextTurn();
+    expect(poll.polling).toBe(true);
+    clock = 1.3;
+    await nextTurn();
+    await nextTurn();
+    expect(poll.polling).toBe(false);
+  });
+
   it('does nothing with a window of 0, or once stopped', async () => {
     const off = new BusyPoll(0, () => 0);
     off.touch();

@@ -11,13 +11,13 @@ describe('synchronous small I/O', () => {
   it('runs small transfers on the spot and returns their result', () => {
     const policy = new SyncIoPolicy();
     expect(policy.attempt(4096, () => 4096)).toBe(4096);
-    expect(policy.attempt(64 * 1024, () => 1)).toBe(1);
+    expect(policy.attempt(1024 * 1024, () => 1)).toBe(1);
   });
 
   it('leaves large transfers to the thread pool', () => {
     const policy = new SyncIoPolicy();
     let ran = false;
-    expect(policy.attempt(64 * 1024 + 1, () => ((ran = true), 1))).toBeUndefined();
+    expect(policy.attempt(1024 * 1024 + 1, () => ((ran = true), 1))).toBeUndefined();
     expect(ran).toBe(false);
   });
 
@@ -28,6 +28,15 @@ describe('synchronous small I/O', () => {
     expect(policy.attempt(4096, () => 1)).toBe(1);
   });
 
+  it('allows a large transfer the time its copy takes: 1 MiB in 0.15 ms is fast, 4 KiB in 0.3 ms is slow', () => {
+    const large = new SyncIoPolicy();
+    for (let i = 0; i < 40; i++) expect(large.attempt(1024 * 1024, () => busyFor(0.15))).toBe(7);
+    const small = new SyncIoPolicy();
+    let synchronous = 0;
+    while (synchronous < 40 && small.attempt(4096, () => busyFor(0.3)) !== undefined) synchronous++;
+    expect(synchronous).toBeLessThan(40);
+  });
+
   it('once slow transfers are frequent, sends the next ones to the thread pool', () => {
     const policy = new SyncIoPolicy();
     let synchronous = 0;
@@ -36,5 +45,13 @@ describe('synchronous small I/O', () => {
     let ran = false;
     expect(policy.attempt(4096, () => ((ran = true), 1))).toBeUndefined();
     expect(ran).toBe(false);
+  });
+
+  it('runs a transfer of a caller with nothing else under way on the spot, even while backing off', () => {
+    const policy = new SyncIoPolicy();
+    while (policy.attempt(4096, () => busyFor(1)) !== undefined);
+    expect(policy.attempt(4096, () => 1)).toBeUndefined();
+    expect(policy.attempt(4096, () => 3, true)).toBe(3);
+    expect(policy.attempt(2 * 1024 * 1024, () => 3, true)).toBeUndefined();
   });
 });
