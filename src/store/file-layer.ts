@@ -69,8 +69,8 @@ export interface FileHandle {
    * under way (a hint about how to wait).
    */
   read(buffer: Uint8Array, offset: number, length: number, position: number, alone?: boolean): Promise<number>;
-  /** Writes all `length` bytes or throws. */
-  write(buffer: Uint8Array, offset: number, length: number, position: number): Promise<void>;
+  /** Writes all `length` bytes or throws; `alone` as for read(). */
+  write(buffer: Uint8Array, offset: number, length: number, position: number, alone?: boolean): Promise<void>;
   sync(): Promise<void>;
   truncate(length: number): Promise<void>;
   size(): Promise<number>;
@@ -124,9 +124,9 @@ class NodeHandle implements FileHandle {
     return done;
   }
 
-  async write(buffer: Uint8Array, offset: number, length: number, position: number): Promise<void> {
+  async write(buffer: Uint8Array, offset: number, length: number, position: number, alone = false): Promise<void> {
     const fd = this.#handle.fd;
-    if (this.#policy.attempt(length, () => writeFully(fd, buffer, offset, length, position)) !== undefined) return;
+    if (this.#policy.attempt(length, () => writeFully(fd, buffer, offset, length, position), alone) !== undefined) return;
     let done = 0;
     while (done < length) {
       const { bytesWritten } = await this.#handle.write(buffer, offset + done, length - done, position + done);

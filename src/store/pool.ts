@@ -730,7 +730,7 @@ export class Pool implements ExportCatalog {
       reserved = this.#reserve(fresh);
       const handle = await this.#file(head, true);
       if (!copyFirst && !copyLast) {
-        await handle.write(data, 0, data.length, offset);
+        await handle.write(data, 0, data.length, offset, this.#ioUnderWay === 1);
       } else {
         const from = copyFirst ? first * BLOCK_SIZE : offset;
         const to = copyLast ? (last + 1) * BLOCK_SIZE : end;
@@ -742,7 +742,7 @@ export class Pool implements ExportCatalog {
         }
         await Promise.all(fills);
         buffer.set(data, offset - from);
-        await handle.write(buffer, 0, buffer.length, from);
+        await handle.write(buffer, 0, buffer.length, from, this.#ioUnderWay === 1);
       }
       this.#dirty.add(head.id);
       if (fresh > 0) this.#record({ op: 'assign', layer: head.id, start: first, end: last + 1, value: head.id });
