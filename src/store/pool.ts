@@ -659,36 +659,32 @@ export class Pool implements ExportCatalog {
   async #read(volume: Volume, offset: number, length: number, into?: Buffer): Promise<ReadPiece[]> {
     this.#ioUnderWay++;
     try {
-      return await this.#readShared(volume, offset, length, into);
+      await volume.gate.enterShared();
+      try {
+        this.#checkOpen(volume);
+        const end = offset + length;
+        const pieces: ReadPiece[] = [];
+        const reads: Array<Promise<void>> = [];
+        volume.layer.map.runs(Math.floor(offset / BLOCK_SIZE), blocksOf(end), (start, stop, value) => {
+          const from = Math.max(start * BLOCK_SIZE, offset);
+          const to = Math.min(stop * BLOCK_SIZE, end);
+          if (value < FIRST_LAYER_ID) {
+            const last = pieces[pieces.length - 1];
+            if (last?.kind === 'zero') last.length += to - from;
+            else pieces.push({ kind: 'zero', offset: from, length: to - from });
+            return;
+          }
+          const data = into === undefined ? Buffer.allocUnsafe(to - from) : into.subarray(from - offset, to - offset);
+          pieces.push({ kind: 'data', offset: from, data });
+          reads.push(this.#readLayer(this.#layers.get(value)!, data, from));
+        });
+        await Promise.all(reads);
+        return pieces;
+      } finally {
+        volume.gate.leaveShared();
+      }
     } finally {
       this.#ioUnderWay--;
-    }
-  }
-
-  async #readShared(volume: Volume, offset: number, length: number, into?: Buffer): Promise<ReadPiece[]> {
-    await volume.gate.enterShared();
-    try {
-      this.#checkOpen(volume);
-      const end = offset + length;
-      const pieces: ReadPiece[] = [];
-      const reads: Array<Promise<void>> = [];
-      volume.layer.map.runs(Math.floor(offset / BLOCK_SIZE), blocksOf(end), (start, stop, value) => {
-        const from = Math.max(start * BLOCK_SIZE, offset);
-        const to = Math.min(stop * BLOCK_SIZE, end);
-        if (value < FIRST_LAYER_ID) {
-          const last = pieces[pieces.length - 1];
-          if (last?.kind === 'zero') last.length += to - from;
-          else pieces.push({ kind: 'zero', offset: from, length: to - from });
-          return;
-        }
-        const data = into === undefined ? Buffer.allocUnsafe(to - from) : into.subarray(from - offset, to - offset);
-        pieces.push({ kind: 'data', offset: from, data });
-        reads.push(this.#readLayer(this.#layers.get(value)!, data, from));
-      });
-      await Promise.all(reads);
-      return pieces;
-    } finally {
-      volume.gate.leaveShared();
     }
   }
 

@@ -33,10 +33,10 @@ export class BufferPool {
 
   /** A buffer of `length` bytes with unspecified contents. */
   acquire(length: number): Buffer {
-    const size = sizeClass(length) + OFFSET;
-    let backing = this.#free.get(size)?.pop();
-    if (backing === undefined) backing = allocateShifted(size - OFFSET).buffer as ArrayBuffer;
-    else this.#freeBytes -= size;
+    const size = sizeClass(length);
+    let backing = this.#free.get(size + OFFSET)?.pop();
+    if (backing === undefined) backing = allocateShifted(size).buffer as ArrayBuffer;
+    else this.#freeBytes -= backing.byteLength;
     this.#lent.add(backing);
     return Buffer.from(backing, OFFSET, length);
   }
