@@ -25,10 +25,7 @@ import { startClonebd, type Logger } from './bench-targets.js';
 const BASE_SIZE = 2 ** 30;
 const MAP_VOLUME_SIZE = 16 * 2 ** 30;
 const SEED = 0x3e3;
-/**
- * The scattered writes FLUSH this often, as a file system commits: the store keeps every journal
- * record of unflushed writes in memory, so a writer that never flushes measures that instead.
- */
+/** The scattered writes FLUSH this often, as a file system commits. */
 const FLUSH_EVERY = 10_000;
 /** Descriptors the server keeps for itself beyond one socket and one layer file per clone. */
 const SPARE_DESCRIPTORS = 64;

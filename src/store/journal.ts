@@ -52,26 +52,30 @@ const JOURNAL_MAGIC = Buffer.from('CBDJRNL1');
 const JOURNAL_HEADER = 16;
 const CHECKPOINT_MAGIC = Buffer.from('CBDCKPT1');
 
-export function encodeRecord(record: MetaRecord): Buffer {
-  let payload: Buffer;
+const ASSIGN_PAYLOAD = 1 + 4 + 8 + 8 + 4;
+
+function frameLength(record: MetaRecord): number {
+  return FRAME_HEADER + (record.op === 'assign' ? ASSIGN_PAYLOAD : 1 + Buffer.byteLength(JSON.stringify(record)));
+}
+
+/** Writes the frame of `record` at `at`; `target` must have frameLength(record) bytes there. */
+function writeFrame(record: MetaRecord, target: Buffer, at: number): number {
+  const payload = at + FRAME_HEADER;
+  let end: number;
   if (record.op === 'assign') {
-    payload = Buffer.allocUnsafe(1 + 4 + 8 + 8 + 4);
-    payload.writeUInt8(ASSIGN, 0);
-    payload.writeUInt32LE(record.layer, 1);
-    payload.writeDoubleLE(record.start, 5);
-    payload.writeDoubleLE(record.end, 13);
-    payload.writeUInt32LE(record.value, 21);
+    target.writeUInt8(ASSIGN, payload);
+    target.writeUInt32LE(record.layer, payload + 1);
+    target.writeDoubleLE(record.start, payload + 5);
+    target.writeDoubleLE(record.end, payload + 13);
+    target.writeUInt32LE(record.value, payload + 21);
+    end = payload + ASSIGN_PAYLOAD;
   } else {
-    const json = Buffer.from(JSON.stringify(record));
-    payload = Buffer.allocUnsafe(1 + json.length);
-    payload.writeUInt8(JSON_RECORD, 0);
-    json.copy(payload, 1);
+    target.writeUInt8(JSON_RECORD, payload);
+    end = payload + 1 + target.write(JSON.stringify(record), payload + 1);
   }
-  const frame = Buffer.allocUnsafe(FRAME_HEADER + payload.length);
-  frame.writeUInt32LE(payload.length, 0);
-  frame.writeUInt32LE(crc32(payload), 4);
-  payload.copy(frame, FRAME_HEADER);
-  return frame;
+  target.writeUInt32LE(end - payload, at);
+  target.writeUInt32LE(crc32(target, payload, end), at + 4);
+  return end;
 }
 
 function decodePayload(payload: Buffer): MetaRecord {
@@ -134,11 +138,23 @@ export function journalName(generation: number): string {
   return `journal.${generation}`;
 }
 
+/**
+ * Records waiting for a commit are framed back to back in chunks: a record costs its frame's
+ * bytes (33 for a block assignment), not an object and a Buffer of its own. Chunks start small
+ * after each commit, since a client flushing after every write commits a record at a time.
+ */
+const FIRST_CHUNK_BYTES = 512;
+const LARGEST_CHUNK_BYTES = 64 * 1024;
+
 /** An open journal file: appends buffered records on commit. */
 export class Journal {
   readonly #handle: FileHandle;
   #end: number;
-  #pending: Buffer[] = [];
+  /** Filled runs of frames, oldest first; the last chunk being filled is #tail. */
+  #sealed: Buffer[] = [];
+  #tail: Buffer | undefined;
+  #tailUsed = 0;
+  #nextChunkBytes = FIRST_CHUNK_BYTES;
   #pendingBytes = 0;
 
   private constructor(handle: FileHandle, end: number) {
@@ -196,27 +212,50 @@ export class Journal {
     return this.#end + this.#pendingBytes;
   }
 
+  /** Bytes of records appended and not yet taken for writing. */
+  get pendingBytes(): number {
+    return this.#pendingBytes;
+  }
+
   get hasPending(): boolean {
-    return this.#pending.length > 0;
+    return this.#pendingBytes > 0;
   }
 
   append(record: MetaRecord): void {
-    const frame = encodeRecord(record);
-    this.#pending.push(frame);
-    this.#pendingBytes += frame.length;
+    const length = frameLength(record);
+    if (this.#tail === undefined || this.#tailUsed + length > this.#tail.length) {
+      this.#seal();
+      this.#tail = Buffer.allocUnsafe(Math.max(this.#nextChunkBytes, length));
+      this.#nextChunkBytes = Math.min(this.#nextChunkBytes * 4, LARGEST_CHUNK_BYTES);
+    }
+    this.#tailUsed = writeFrame(record, this.#tail, this.#tailUsed);
+    this.#pendingBytes += length;
   }
 
-  /** Takes the buffered records; the caller writes them with `write` or puts them back. */
+  /**
+   * Takes the buffered records as runs of whole frames; the caller writes them with `write` or
+   * puts them back.
+   */
   take(): Buffer[] {
-    const taken = this.#pending;
-    this.#pending = [];
+    this.#seal();
+    const taken = this.#sealed;
+    this.#sealed = [];
     this.#pendingBytes = 0;
+    this.#nextChunkBytes = FIRST_CHUNK_BYTES;
     return taken;
   }
 
   putBack(frames: Buffer[]): void {
-    this.#pending = frames.concat(this.#pending);
-    this.#pendingBytes = this.#pending.reduce((sum, frame) => sum + frame.length, 0);
+    this.#seal();
+    this.#sealed = frames.concat(this.#sealed);
+    this.#pendingBytes = this.#sealed.reduce((sum, run) => sum + run.length, 0);
+  }
+
+  /** Ends the tail chunk: what it holds may be handed out, so later frames go to a new one. */
+  #seal(): void {
+    if (this.#tail !== undefined && this.#tailUsed > 0) this.#sealed.push(this.#tail.subarray(0, this.#tailUsed));
+    this.#tail = undefined;
+    this.#tailUsed = 0;
   }
 
   /** Appends frames and fsyncs. */

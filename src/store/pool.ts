@@ -54,6 +54,7 @@
  * Durability: a write lands in the head's file, then updates the map and appends a journal
  * record. flush() (shared by all volumes and handles) fsyncs every dirty layer file, then writes
  * and fsyncs the records. Holes are punched only for ranges whose trim is already durable.
+ * Unflushed records are committed without a FLUSH once they fill `commitBytes`.
  *
  * Known limits: every layer file that is read keeps a descriptor open; hole punching spawns
  * `fallocate` (see file-layer.ts) and pauses the volume's I/O while it runs; trim and write-zeroes
@@ -83,6 +84,13 @@ export const BLOCK_SIZE = 4096;
 export const MAX_VOLUME_SIZE = 2 ** 52;
 const FORMAT = 'clonebd-pool 1\n';
 const DEFAULT_CHECKPOINT_BYTES = 16 * 1024 * 1024;
+/**
+ * Records a client has not flushed are committed anyway once they fill this much (about 127,000
+ * newly written blocks), so a client that never flushes cannot grow the server without bound;
+ * writes wait for the commit once records reach COMMIT_WAIT_FACTOR times it.
+ */
+const DEFAULT_COMMIT_BYTES = 4 * 1024 * 1024;
+const COMMIT_WAIT_FACTOR = 4;
 /** Blocks copied per exclusive step of flatten: bounds the pause writers see. */
 const FLATTEN_STEP = 256;
 /** Times a frozen fold takes the readers' gates again when copies appeared while it copied. */
@@ -100,6 +108,8 @@ export interface PoolOptions {
   files?: FileLayer;
   /** Journal size that triggers a checkpoint. */
   checkpointBytes?: number;
+  /** Unflushed journal records, in bytes, that start a commit without a FLUSH. */
+  commitBytes?: number;
 }
 
 export interface VolumeInfo {
@@ -294,6 +304,7 @@ export class Pool implements ExportCatalog {
   readonly #log: Logger | undefined;
   readonly #capacityBytes: number | undefined;
   readonly #checkpointBytes: number;
+  readonly #commitBytes: number;
 
   readonly #volumes = new Map<string, Volume>();
   readonly #layers = new Map<number, Layer>();
@@ -341,6 +352,7 @@ export class Pool implements ExportCatalog {
     this.#log = options.logger;
     this.#capacityBytes = options.capacityBytes;
     this.#checkpointBytes = options.checkpointBytes ?? DEFAULT_CHECKPOINT_BYTES;
+    this.#commitBytes = options.commitBytes ?? DEFAULT_COMMIT_BYTES;
     this.#io = {
       read: (volume, offset, length, into) => this.#read(volume, offset, length, into),
       write: (volume, offset, data, fua) => this.#write(volume, offset, data, fua),
@@ -702,6 +714,12 @@ export class Pool implements ExportCatalog {
       this.#ioUnderWay--;
     }
     if (fua) await this.flush();
+    else await this.#journalRoom();
+  }
+
+  /** Waits for a commit while unflushed records have outgrown what a background commit keeps up with. */
+  async #journalRoom(): Promise<void> {
+    if (this.#journal!.pendingBytes >= this.#commitBytes * COMMIT_WAIT_FACTOR) await this.flush();
   }
 
   /**
@@ -808,6 +826,7 @@ export class Pool implements ExportCatalog {
       volume.gate.leaveShared();
     }
     if (fua) await this.flush();
+    else await this.#journalRoom();
   }
 
   async #blockStatus(volume: Volume, offset: number, length: number): Promise<Extent[]> {
@@ -890,7 +909,11 @@ export class Pool implements ExportCatalog {
   /** Applies a change to the in-memory metadata and journals it; returns layers it freed. */
   #record(record: MetaRecord): Layer[] {
     const freed = this.#apply(record);
-    this.#journal!.append(record);
+    const journal = this.#journal!;
+    journal.append(record);
+    if (journal.pendingBytes >= this.#commitBytes && this.#commitQueued === undefined && !this.#closed) {
+      this.flush().catch((error: unknown) => this.#log?.warn({ err: error }, 'background commit failed'));
+    }
     return freed;
   }
 

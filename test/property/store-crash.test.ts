@@ -253,9 +253,15 @@ async function verifyNoLeaks(pool: Pool, files: MemoryFiles): Promise<void> {
 }
 
 /** Runs `steps` until the file system crashes at mutating call `crashAt`, recovers, and checks. */
-async function crashRun(steps: Step[], crashAt: number, seed: number, checkpointBytes: number): Promise<void> {
+async function crashRun(
+  steps: Step[],
+  crashAt: number,
+  seed: number,
+  checkpointBytes: number,
+  commitBytes: number,
+): Promise<void> {
   const files = new MemoryFiles();
-  const options = { files, checkpointBytes };
+  const options = { files, checkpointBytes, commitBytes };
   const pool = await Pool.open('/pool', options);
   files.crashAfter(crashAt + 1);
   const model = await runUntilCrash(pool, files, steps);
@@ -316,6 +322,7 @@ describe('store crash consistency', () => {
         fc.nat(400),
         fc.integer({ min: 1, max: 0x7fffffff }),
         fc.constantFrom(1 << 30, 3000),
+        fc.constantFrom(1 << 30, 100),
         crashRun,
       ),
       { numRuns: 300 },
@@ -330,7 +337,9 @@ describe('store crash consistency', () => {
         fc.integer({ min: 20, max: 800 }),
         fc.integer({ min: 1, max: 0x7fffffff }),
         fc.constantFrom(1 << 30, 3000),
-        (steps, crashAt, seed, checkpointBytes) => crashRun([create, ...steps], crashAt, seed, checkpointBytes),
+        fc.constantFrom(1 << 30, 100),
+        (steps, crashAt, seed, checkpointBytes, commitBytes) =>
+          crashRun([create, ...steps], crashAt, seed, checkpointBytes, commitBytes),
       ),
       { numRuns: 200 },
     );
