@@ -85,11 +85,11 @@ export const MAX_VOLUME_SIZE = 2 ** 52;
 const FORMAT = 'clonebd-pool 1\n';
 const DEFAULT_CHECKPOINT_BYTES = 16 * 1024 * 1024;
 /**
- * Records a client has not flushed are committed anyway once they fill this much (about 127,000
+ * Records a client has not flushed are committed anyway once they fill this much (about 508,000
  * newly written blocks), so a client that never flushes cannot grow the server without bound;
  * writes wait for the commit once records reach COMMIT_WAIT_FACTOR times it.
  */
-const DEFAULT_COMMIT_BYTES = 4 * 1024 * 1024;
+const DEFAULT_COMMIT_BYTES = 16 * 1024 * 1024;
 const COMMIT_WAIT_FACTOR = 4;
 /** Blocks copied per exclusive step of flatten: bounds the pause writers see. */
 const FLATTEN_STEP = 256;

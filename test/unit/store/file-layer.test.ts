@@ -1,0 +1,39 @@
+import { afterEach, describe, expect, it } from 'vitest';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { nodeFileLayer } from '../../../src/store/file-layer.js';
+
+const MiB = 1024 * 1024;
+let dir: string | undefined;
+
+afterEach(async () => {
+  if (dir !== undefined) await rm(dir, { recursive: true, force: true });
+  dir = undefined;
+});
+
+describe('node file layer', () => {
+  it('closes a descriptor only after the transfers on the thread pool are done with it', async () => {
+    dir = await mkdtemp(join(tmpdir(), 'clonebd-files-'));
+    const path = join(dir, 'data');
+    const content = Buffer.alloc(4 * MiB);
+    for (let i = 0; i < content.length; i += 4096) content.writeUInt32LE(i, i);
+    await writeFile(path, content);
+    const files = nodeFileLayer();
+    const handle = await files.open(path, 'readWrite');
+    const settled: string[] = [];
+    // Larger than any synchronous transfer, so each goes through the pool.
+    const reads = Array.from({ length: 16 }, async () => {
+      const into = Buffer.alloc(2 * MiB);
+      const length = await handle.read(into, 0, into.length, MiB);
+      settled.push('read');
+      expect(length).toBe(2 * MiB);
+      expect(into.equals(content.subarray(MiB, 3 * MiB))).toBe(true);
+    });
+    const write = handle.write(content, 0, 2 * MiB, 0).then(() => settled.push('write'));
+    await handle.close();
+    settled.push('close');
+    await Promise.all([...reads, write]);
+    expect(settled.indexOf('close')).toBe(17);
+  });
+});
