@@ -8,6 +8,7 @@ import { mkdir, open, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { adminSocketPath } from '../src/cli/serve.js';
 import { AdminClient } from '../src/control/admin-client.js';
+import { isOperationError } from '../src/util/errors.js';
 import { findFreePort, runTool } from './bench-child.js';
 import { BLOCK, FILL_BYTE, randomBlocks } from './bench-layouts.js';
 import { connect, countWrittenExtents, writeBlocks } from './bench-nbd.js';
@@ -37,13 +38,20 @@ async function timeClonebd(
   cloneCase: CloneCase,
   dir: string,
   options: CloneTimingOptions,
+  notes: string[],
 ): Promise<{ measuredExtents: number | undefined; clone: TimingSummary; poolStatus: TimingSummary }> {
   const pool = join(dir, 'pool');
   const port = await findFreePort(options.host);
   const server = await startClonebd(pool, options.host, port);
   try {
     const admin = new AdminClient(adminSocketPath(pool));
-    await admin.createVolume(SOURCE, cloneCase.size);
+    try {
+      await admin.createVolume(SOURCE, cloneCase.size);
+    } catch (error) {
+      if (!isOperationError(error, 'ERANGE')) throw error;
+      await admin.createVolume(SOURCE, cloneCase.size - BLOCK);
+      notes.push(`clonebd refused ${cloneCase.size} bytes on this file system (${error.message}); its source is 4 KiB smaller`);
+    }
     const client = await connect({ host: options.host, port }, SOURCE);
     try {
       let measuredExtents: number | undefined;
@@ -125,7 +133,7 @@ export async function runCloneTiming(options: CloneTimingOptions): Promise<Clone
     const result: CloneTimingResult = { case: cloneCase, measuredExtents: undefined, clone: undefined, poolStatus: undefined, qemuImg: undefined, notes: [] };
     try {
       try {
-        Object.assign(result, await timeClonebd(cloneCase, join(dir, 'clonebd'), options));
+        Object.assign(result, await timeClonebd(cloneCase, join(dir, 'clonebd'), options, result.notes));
       } catch (error) {
         result.notes.push(`clonebd failed: ${firstLine(error)}`);
         options.log(`clone timing: ${cloneCase.label}: clonebd FAILED\n${String(error)}`);

@@ -22,6 +22,7 @@ import { execFile } from 'node:child_process';
 import { read, readSync, write, writeSync } from 'node:fs';
 import { constants, open, mkdir, readdir, rename, statfs, unlink, type FileHandle as NodeFileHandle } from 'node:fs/promises';
 
+const PROBE_BLOCK = 4096;
 /** Largest transfer tried synchronously. */
 const SYNC_IO_MAX_BYTES = 1024 * 1024;
 /**
@@ -93,6 +94,11 @@ export interface FileLayer {
   punchHole(path: string, offset: number, length: number): Promise<boolean>;
   /** Bytes available to this process on the file system holding `path`. */
   freeBytes(path: string): Promise<number>;
+  /**
+   * The largest size, up to `limit` and in whole 4 KiB blocks, that a file at `path` (created
+   * for the test and removed) can have: ext4 with 4 KiB blocks stops 4 KiB short of 16 TiB.
+   */
+  largestFile(path: string, limit: number): Promise<number>;
 }
 
 const FLAGS: Record<OpenMode, number> = {
@@ -237,6 +243,33 @@ export function nodeFileLayer(): FileLayer {
     async freeBytes(path) {
       const stats = await statfs(path);
       return stats.bavail * stats.bsize;
+    },
+    async largestFile(path, limit) {
+      const handle = await open(path, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o600);
+      try {
+        const fits = async (size: number): Promise<boolean> => {
+          try {
+            await handle.truncate(size);
+            return true;
+          } catch (error) {
+            const code = (error as NodeJS.ErrnoException).code;
+            if (code === 'EFBIG' || code === 'EINVAL') return false;
+            throw error;
+          }
+        };
+        if (await fits(limit)) return limit;
+        let good = 0;
+        let bad = Math.floor(limit / PROBE_BLOCK);
+        while (bad - good > 1) {
+          const middle = Math.floor((good + bad) / 2);
+          if (await fits(middle * PROBE_BLOCK)) good = middle;
+          else bad = middle;
+        }
+        return good * PROBE_BLOCK;
+      } finally {
+        await handle.close();
+        await unlink(path);
+      }
     },
   };
 }

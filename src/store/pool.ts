@@ -203,6 +203,8 @@ function checkSize(size: number): void {
   }
 }
 
+const SIZE_PROBE = 'size-probe';
+
 /** The extents of `map` holding `value`, as [start, end) block ranges. */
 function runsHolding(map: BlockMap, value: number): Array<[number, number]> {
   const runs: Array<[number, number]> = [];
@@ -305,6 +307,8 @@ export class Pool implements ExportCatalog {
   readonly #capacityBytes: number | undefined;
   readonly #checkpointBytes: number;
   readonly #commitBytes: number;
+  /** A volume lives at its own offsets in one file, so it is no larger than a file can be. */
+  #largestVolume = MAX_VOLUME_SIZE;
 
   readonly #volumes = new Map<string, Volume>();
   readonly #layers = new Map<number, Layer>();
@@ -371,6 +375,7 @@ export class Pool implements ExportCatalog {
     await acquireLock(files, `${dir}/lock`);
     try {
       await pool.#load();
+      pool.#largestVolume = await files.largestFile(`${dir}/${SIZE_PROBE}`, MAX_VOLUME_SIZE);
     } catch (error) {
       await pool.#closeFiles();
       await releaseLock(files, `${dir}/lock`);
@@ -425,7 +430,7 @@ export class Pool implements ExportCatalog {
   async createVolume(name: string, size: number, options: { labels?: Labels } = {}): Promise<VolumeInfo> {
     this.#checkNotClosed();
     validateName(name);
-    checkSize(size);
+    this.#checkSize(size);
     const labels = validateLabels(options.labels);
     this.#checkFree(name);
     this.#record({ op: 'create', name, size, head: this.#nextLayerId, createdAt: new Date().toISOString(), ...labelled(labels) });
@@ -463,7 +468,7 @@ export class Pool implements ExportCatalog {
       this.#checkOpen(volume);
       this.#checkFree(name);
       const size = options.size ?? volume.size;
-      checkSize(size);
+      this.#checkSize(size);
       if (size < volume.size) {
         throw new OperationError('ERANGE', `a clone cannot be smaller than its source (${size} < ${volume.size})`);
       }
@@ -478,7 +483,7 @@ export class Pool implements ExportCatalog {
   async grow(name: string, size: number): Promise<VolumeInfo> {
     this.#checkNotClosed();
     const volume = this.#volume(name);
-    checkSize(size);
+    this.#checkSize(size);
     await volume.gate.exclusive(async () => {
       this.#checkOpen(volume);
       if (volume.kind === 'snapshot') throw new OperationError('EINVAL', `${name} is a snapshot; snapshots do not grow`);
@@ -494,6 +499,16 @@ export class Pool implements ExportCatalog {
     });
     await this.flush();
     return this.info(name)!;
+  }
+
+  #checkSize(size: number): void {
+    checkSize(size);
+    if (size > this.#largestVolume) {
+      throw new OperationError(
+        'ERANGE',
+        `${size} bytes is more than the pool's file system holds in one file (${this.#largestVolume} bytes at most)`,
+      );
+    }
   }
 
   async delete(name: string): Promise<void> {
@@ -1210,7 +1225,12 @@ export class Pool implements ExportCatalog {
     if (!entries.includes('format')) {
       // A pool whose creation was interrupted has no format file yet and no data: start over.
       const partial = (entry: string): boolean =>
-        entry === 'lock' || entry === 'layers' || entry.startsWith('checkpoint') || entry.startsWith('journal.') || entry === 'format.tmp';
+        entry === 'lock' ||
+        entry === 'layers' ||
+        entry.startsWith('checkpoint') ||
+        entry.startsWith('journal.') ||
+        entry === 'format.tmp' ||
+        entry === SIZE_PROBE;
       const layerFiles = entries.includes('layers') ? await files.readdir(this.#layersDir) : [];
       if (!entries.every(partial) || layerFiles.length > 0) {
         throw new OperationError('EINVAL', `${this.#dir} is not empty and holds no clonebd pool`);

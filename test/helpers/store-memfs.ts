@@ -248,4 +248,12 @@ export class MemoryFiles implements FileLayer {
     this.#alive();
     return 2 ** 40;
   }
+
+  /** What largestFile reports, as a file system with a file size limit would. */
+  largestFileSize = Infinity;
+
+  async largestFile(_path: string, limit: number): Promise<number> {
+    this.#alive();
+    return Math.min(limit, this.largestFileSize);
+  }
 }

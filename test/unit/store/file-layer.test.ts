@@ -37,3 +37,28 @@ describe('node file layer', () => {
     expect(settled.indexOf('close')).toBe(17);
   });
 });
+
+describe('largest file probe', () => {
+  it('finds the largest size a file on the file system can be truncated to, and removes its probe', async () => {
+    dir = await mkdtemp(join(tmpdir(), 'clonebd-files-'));
+    const files = nodeFileLayer();
+    const limit = 2 ** 52;
+    const largest = await files.largestFile(join(dir, 'probe'), limit);
+    expect(largest % 4096).toBe(0);
+    expect(largest).toBeGreaterThan(0);
+    expect(largest).toBeLessThanOrEqual(limit);
+    expect(await files.readdir(dir)).toEqual([]);
+    const handle = await files.open(join(dir, 'file'), 'create');
+    try {
+      await handle.truncate(largest);
+      if (largest < limit) await expect(handle.truncate(largest + 4096)).rejects.toThrow(/EFBIG|EINVAL/);
+    } finally {
+      await handle.close();
+    }
+  });
+
+  it('returns a smaller limit when asked for less than the file system allows', async () => {
+    dir = await mkdtemp(join(tmpdir(), 'clonebd-files-'));
+    expect(await nodeFileLayer().largestFile(join(dir, 'probe'), 1 << 30)).toBe(1 << 30);
+  });
+});

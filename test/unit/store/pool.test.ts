@@ -3,6 +3,7 @@ import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { Pool, type PoolOptions } from '../../../src/store/index.js';
 import { pattern, readBytes, sameBytes, usePoolFixture } from '../../helpers/store-pool.js';
+import { MemoryFiles } from '../../helpers/store-memfs.js';
 
 const MiB = 1024 * 1024;
 const fixture = usePoolFixture();
@@ -131,5 +132,27 @@ describe('lock', () => {
     await writeFile(`${fixture.dir}/lock`, '999999999\n');
     pool = await openPool();
     expect(pool.volumes()).toEqual([]);
+  });
+});
+
+describe('volume sizes the file system cannot hold', () => {
+  it('refuses to create, clone into or grow to a size beyond the largest file, with the limit named', async () => {
+    const files = new MemoryFiles();
+    files.largestFileSize = 1 << 30;
+    const pool = await Pool.open('/pool', { files });
+    try {
+      await pool.createVolume('fits', 1 << 30);
+      const tooLarge = /more than the pool's file system holds in one file \(1073741824 bytes at most\)/;
+      await expect(pool.createVolume('big', (1 << 30) + 4096)).rejects.toMatchObject({ code: 'ERANGE', message: expect.stringMatching(tooLarge) });
+      await expect(pool.clone('fits', 'bigger', { size: 2 * 2 ** 30 })).rejects.toMatchObject({ code: 'ERANGE' });
+      await pool.createVolume('small', 1 << 20);
+      await expect(pool.grow('small', 2 * 2 ** 30)).rejects.toMatchObject({ code: 'ERANGE' });
+      expect(pool.volumes().map((volume) => [volume.name, volume.size])).toEqual([
+        ['fits', 1 << 30],
+        ['small', 1 << 20],
+      ]);
+    } finally {
+      await pool.close();
+    }
   });
 });
