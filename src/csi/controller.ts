@@ -392,9 +392,9 @@ class ControllerService {
     if (!here || capabilities.some((capability) => capabilityProblem(capability) !== undefined)) {
       return { available_capacity: 0 };
     }
-    const { freeBytes } = await this.#admin.poolStatus();
+    const { freeBytes, largestVolumeBytes } = await this.#admin.poolStatus();
     const available = Math.max(0, freeBytes);
-    return { available_capacity: available, maximum_volume_size: { value: Math.min(available, MAX_VOLUME_SIZE) } };
+    return { available_capacity: available, maximum_volume_size: { value: Math.min(available, largestVolumeBytes) } };
   }
 
   async #expand(request: CsiMessage): Promise<CsiMessage> {

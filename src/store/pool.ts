@@ -145,6 +145,8 @@ export interface PoolUsage {
   layers: number;
   /** Bytes of metadata journal since the last checkpoint: what a restart replays. */
   journalBytes: number;
+  /** The largest volume size the pool's file system can hold (its largest file). */
+  largestVolumeBytes: number;
   volumes: VolumeUsage[];
 }
 
@@ -635,6 +637,7 @@ export class Pool implements ExportCatalog {
       freeBytes,
       layers: this.#layers.size,
       journalBytes: this.#journal?.size ?? 0,
+      largestVolumeBytes: this.#largestVolume,
       volumes,
     };
   }

@@ -141,6 +141,7 @@ describe('volume sizes the file system cannot hold', () => {
     files.largestFileSize = 1 << 30;
     const pool = await Pool.open('/pool', { files });
     try {
+      expect((await pool.usage()).largestVolumeBytes).toBe(1 << 30);
       await pool.createVolume('fits', 1 << 30);
       const tooLarge = /more than the pool's file system holds in one file \(1073741824 bytes at most\)/;
       await expect(pool.createVolume('big', (1 << 30) + 4096)).rejects.toMatchObject({ code: 'ERANGE', message: expect.stringMatching(tooLarge) });
