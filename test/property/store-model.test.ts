@@ -41,10 +41,15 @@ async function device(real: Real, name: string): Promise<BlockDevice> {
   return handle;
 }
 
-async function readAll(handle: BlockDevice, offset: number, length: number): Promise<Buffer> {
+/**
+ * Reads the range, into a buffer of its own (as the NBD server does, filled with garbage first)
+ * or into buffers the store allocates, and lays the pieces out.
+ */
+async function readAll(handle: BlockDevice, offset: number, length: number, into: boolean): Promise<Buffer> {
   const out = Buffer.alloc(length);
   let at = offset;
-  for (const piece of await handle.read(offset, length)) {
+  const target = into ? Buffer.alloc(length, 0xa5) : undefined;
+  for (const piece of await handle.read(offset, length, target)) {
     if (piece.offset !== at) throw new Error(`read piece at ${piece.offset}, expected ${at}`);
     if (piece.kind === 'data') piece.data.copy(out, at - offset);
     at += piece.kind === 'data' ? piece.data.length : piece.length;
@@ -59,10 +64,14 @@ function firstDifference(a: Uint8Array, b: Uint8Array): number {
 }
 
 async function checkRead(model: Model, real: Real, name: string, offset: number, length: number): Promise<void> {
-  const actual = await readAll(await device(real, name), offset, length);
   const expected = model.get(name)!.data.subarray(offset, offset + length);
-  const at = firstDifference(actual, expected);
-  if (at !== -1) throw new Error(`${name}: byte ${offset + at} is ${actual[at]}, model says ${expected[at]}`);
+  for (const into of [false, true]) {
+    const actual = await readAll(await device(real, name), offset, length, into);
+    const at = firstDifference(actual, expected);
+    if (at !== -1) {
+      throw new Error(`${name}: byte ${offset + at} is ${actual[at]}, model says ${expected[at]} (${into ? 'into a buffer' : 'own buffers'})`);
+    }
+  }
 }
 
 /** Offsets are generated independently of sizes and folded into the volume here. */
