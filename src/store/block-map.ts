@@ -165,21 +165,20 @@ function clear(node: MapNode, lo: number, hi: number): MapNode[] {
   }
   const { keys, children } = node;
   const from = childFor(keys, lo);
-  let changed = false;
-  const replaced: MapNode[] = children.slice(0, from);
+  // Built only once a child changes: most clears (a first write) change nothing.
+  let replaced: MapNode[] | undefined;
   let i = from;
   for (; i < children.length && keys[i]! < hi; i++) {
     const child = children[i]!;
     const nextKey = i + 1 < children.length ? keys[i + 1]! : Infinity;
-    if (keys[i]! >= lo && nextKey <= hi) {
-      changed = true;
-      continue;
+    const result = keys[i]! >= lo && nextKey <= hi ? [] : clear(child, lo, hi);
+    if (replaced === undefined) {
+      if (result.length === 1 && result[0] === child) continue;
+      replaced = children.slice(0, i);
     }
-    const result = clear(child, lo, hi);
-    if (result.length !== 1 || result[0] !== child) changed = true;
     replaced.push(...result);
   }
-  if (!changed) return [node];
+  if (replaced === undefined) return [node];
   for (; i < children.length; i++) replaced.push(children[i]!);
   return innersOf(replaced);
 }
@@ -187,19 +186,23 @@ function clear(node: MapNode, lo: number, hi: number): MapNode[] {
 /** Inserts an extent into a range that holds none; returns the replacement nodes. */
 function insert(node: MapNode, start: number, length: number, value: number): MapNode[] {
   if (node.leaf) {
-    const ext = node.ext;
-    const at = firstEndingAfter(ext, start) * 3;
-    const out = newArray(ext.length + 3);
-    copy(ext, 0, at, out, 0);
-    out[at] = start;
-    out[at + 1] = length;
-    out[at + 2] = value;
-    copy(ext, at, ext.length, out, at + 3);
+    const out = node.ext.slice();
+    out.splice(firstEndingAfter(out, start) * 3, 0, start, length, value);
     return leavesOf(out);
   }
   const index = childFor(node.keys, start);
-  const children = node.children.slice();
-  children.splice(index, 1, ...insert(children[index]!, start, length, value));
+  const replacement = insert(node.children[index]!, start, length, value);
+  if (replacement.length === 1) {
+    // No split below: one child and its key change, the rest is copied as it is.
+    const children = node.children.slice();
+    children[index] = replacement[0]!;
+    const keys = node.keys.slice();
+    keys[index] = firstStart(replacement[0]!);
+    return [{ leaf: false, keys, children }];
+  }
+  const children = node.children.slice(0, index);
+  for (const child of replacement) children.push(child);
+  for (let i = index + 1; i < node.children.length; i++) children.push(node.children[i]!);
   return innersOf(children);
 }
 
