@@ -244,6 +244,27 @@ function replaceIn(node: MapNode, from: number, to: number, memo: Map<MapNode, M
   return result;
 }
 
+/**
+ * Blocks under each node that name a layer. Nodes never change, so the count holds for good,
+ * and a map that shares all but a changed path with one counted before is counted in
+ * O(depth * CAPACITY): a clone's reply stays fast however fragmented its source is.
+ */
+const layerBlocksUnder = new WeakMap<MapNode, number>();
+
+function layerBlocksIn(node: MapNode): number {
+  const known = layerBlocksUnder.get(node);
+  if (known !== undefined) return known;
+  let total = 0;
+  if (node.leaf) {
+    const ext = node.ext;
+    for (let i = 0; i < ext.length; i += 3) if (ext[i + 2]! >= FIRST_LAYER_ID) total += ext[i + 1]!;
+  } else {
+    for (const child of node.children) total += layerBlocksIn(child);
+  }
+  layerBlocksUnder.set(node, total);
+  return total;
+}
+
 function rootOf(nodes: MapNode[]): MapNode | null {
   if (nodes.length === 0) return null;
   let root: MapNode = nodes.length === 1 ? nodes[0]! : makeInner(nodes);
@@ -307,6 +328,11 @@ export class BlockMap {
       if (v === value) total += end - start;
     });
     return total;
+  }
+
+  /** Blocks that name a layer (neither unallocated nor zero). */
+  layerBlocks(): number {
+    return this.root === null ? 0 : layerBlocksIn(this.root);
   }
 
   /**

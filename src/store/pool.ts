@@ -603,12 +603,7 @@ export class Pool implements ExportCatalog {
 
   /** Bytes the volume's map points at in layer files: all shared for a copy just made. */
   mappedBytes(name: string): number {
-    const volume = this.#volume(name);
-    let blocks = 0;
-    volume.layer.map.extents(0, Infinity, (start, end, value) => {
-      if (value >= FIRST_LAYER_ID) blocks += end - start;
-    });
-    return blocks * BLOCK_SIZE;
+    return this.#volume(name).layer.map.layerBlocks() * BLOCK_SIZE;
   }
 
   async usage(): Promise<PoolUsage> {

@@ -76,6 +76,7 @@ function check(map: BlockMap, model: Map<number, number>, domain: number): void 
   if (map.root !== null) checkNode(map.root, -Infinity, Infinity);
   expect(mapRuns(map, 0, domain)).toEqual(modelRuns(model, 0, domain));
   for (const [block, value] of model) expect(map.get(block)).toBe(value);
+  expect(map.layerBlocks()).toBe([...model.values()].filter((value) => value >= 16).length);
 }
 
 function countNodes(maps: BlockMap[]): number {
