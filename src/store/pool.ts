@@ -207,29 +207,11 @@ function checkSize(size: number): void {
 
 const SIZE_PROBE = 'size-probe';
 
+/** Bytes [from, to) of a read that `layer` holds. */
 interface LayerRun {
   from: number;
   to: number;
   layer: number;
-}
-
-/**
- * The layer worth reading in one pread across a read's runs: it holds at least half the bytes,
- * in more than one run. Reading the other runs' bytes from it costs a copy; what it saves is a
- * pread and its round through the event loop per run.
- */
-function mainLayer(runs: LayerRun[]): number | undefined {
-  if (runs.length < 3) return undefined;
-  const bytes = new Map<number, number>();
-  const count = new Map<number, number>();
-  let total = 0;
-  for (const run of runs) {
-    bytes.set(run.layer, (bytes.get(run.layer) ?? 0) + run.to - run.from);
-    count.set(run.layer, (count.get(run.layer) ?? 0) + 1);
-    total += run.to - run.from;
-  }
-  for (const [layer, held] of bytes) if (held * 2 >= total && count.get(layer)! > 1) return layer;
-  return undefined;
 }
 
 /** The extents of `map` holding `value`, as [start, end) block ranges. */
@@ -732,12 +714,14 @@ export class Pool implements ExportCatalog {
             pieces.push({ kind: 'data', offset: from, data: into.subarray(from - offset, to - offset) });
           }
         });
-        if (into === undefined) {
-          const data = pieces.filter((piece) => piece.kind === 'data');
-          await Promise.all(runs.map((run, i) => this.#readLayer(this.#layers.get(run.layer)!, data[i]!.data, run.from)));
-        } else {
-          await this.#readRuns(runs, into, offset);
-        }
+        // Without `into`, each run has a data piece of its own, in the same order.
+        const allocated = into === undefined ? pieces.filter((piece) => piece.kind === 'data') : [];
+        await Promise.all(
+          runs.map((run, i) => {
+            const target = into === undefined ? allocated[i]!.data : into.subarray(run.from - offset, run.to - offset);
+            return this.#readLayer(this.#layers.get(run.layer)!, target, run.from);
+          }),
+        );
         return pieces;
       } finally {
         volume.gate.leaveShared();
@@ -745,31 +729,6 @@ export class Pool implements ExportCatalog {
     } finally {
       this.#ioUnderWay--;
     }
-  }
-
-  /**
-   * Reads each run into its place in `into`. Where one layer holds most of the range in several
-   * runs (a deep clone: the base, with a few blocks of each level between), its file is read in
-   * one pread across the others' blocks, which are then read over it: one large read and a few
-   * small ones instead of a read per run.
-   */
-  async #readRuns(runs: LayerRun[], into: Buffer, offset: number): Promise<void> {
-    const main = mainLayer(runs);
-    if (main === undefined) {
-      await Promise.all(runs.map((run) => this.#readLayer(this.#layers.get(run.layer)!, into.subarray(run.from - offset, run.to - offset), run.from)));
-      return;
-    }
-    const own = runs.filter((run) => run.layer === main);
-    const from = own[0]!.from;
-    const to = own[own.length - 1]!.to;
-    const others = runs.filter((run) => run.layer !== main);
-    const readOthers = (inside: boolean): Array<Promise<void>> =>
-      others
-        .filter((run) => (run.from >= from && run.to <= to) === inside)
-        .map((run) => this.#readLayer(this.#layers.get(run.layer)!, into.subarray(run.from - offset, run.to - offset), run.from));
-    const outside = readOthers(false);
-    await this.#readLayer(this.#layers.get(main)!, into.subarray(from - offset, to - offset), from);
-    await Promise.all([...outside, ...readOthers(true)]);
   }
 
   async #write(volume: Volume, offset: number, data: Uint8Array, fua: boolean): Promise<void> {
