@@ -54,12 +54,17 @@ const CHECKPOINT_MAGIC = Buffer.from('CBDCKPT1');
 
 const ASSIGN_PAYLOAD = 1 + 4 + 8 + 8 + 4;
 
-function frameLength(record: MetaRecord): number {
-  return FRAME_HEADER + (record.op === 'assign' ? ASSIGN_PAYLOAD : 1 + Buffer.byteLength(JSON.stringify(record)));
+/** Records other than block assignments are stored as JSON. */
+function jsonOf(record: MetaRecord): string | undefined {
+  return record.op === 'assign' ? undefined : JSON.stringify(record);
 }
 
-/** Writes the frame of `record` at `at`; `target` must have frameLength(record) bytes there. */
-function writeFrame(record: MetaRecord, target: Buffer, at: number): number {
+function frameLength(json: string | undefined): number {
+  return FRAME_HEADER + (json === undefined ? ASSIGN_PAYLOAD : 1 + Buffer.byteLength(json));
+}
+
+/** Writes the frame of `record` at `at`; `target` must have frameLength(json) bytes there. */
+function writeFrame(record: MetaRecord, json: string | undefined, target: Buffer, at: number): number {
   const payload = at + FRAME_HEADER;
   let end: number;
   if (record.op === 'assign') {
@@ -71,7 +76,7 @@ function writeFrame(record: MetaRecord, target: Buffer, at: number): number {
     end = payload + ASSIGN_PAYLOAD;
   } else {
     target.writeUInt8(JSON_RECORD, payload);
-    end = payload + 1 + target.write(JSON.stringify(record), payload + 1);
+    end = payload + 1 + target.write(json!, payload + 1);
   }
   target.writeUInt32LE(end - payload, at);
   target.writeUInt32LE(crc32(target, payload, end), at + 4);
@@ -217,18 +222,15 @@ export class Journal {
     return this.#pendingBytes;
   }
 
-  get hasPending(): boolean {
-    return this.#pendingBytes > 0;
-  }
-
   append(record: MetaRecord): void {
-    const length = frameLength(record);
+    const json = jsonOf(record);
+    const length = frameLength(json);
     if (this.#tail === undefined || this.#tailUsed + length > this.#tail.length) {
       this.#seal();
       this.#tail = Buffer.allocUnsafe(Math.max(this.#nextChunkBytes, length));
       this.#nextChunkBytes = Math.min(this.#nextChunkBytes * 4, LARGEST_CHUNK_BYTES);
     }
-    this.#tailUsed = writeFrame(record, this.#tail, this.#tailUsed);
+    this.#tailUsed = writeFrame(record, json, this.#tail, this.#tailUsed);
     this.#pendingBytes += length;
   }
 

@@ -207,13 +207,6 @@ function checkSize(size: number): void {
 
 const SIZE_PROBE = 'size-probe';
 
-/** Bytes [from, to) of a read that `layer` holds. */
-interface LayerRun {
-  from: number;
-  to: number;
-  layer: number;
-}
-
 /** The extents of `map` holding `value`, as [start, end) block ranges. */
 function runsHolding(map: BlockMap, value: number): Array<[number, number]> {
   const runs: Array<[number, number]> = [];
@@ -694,8 +687,8 @@ export class Pool implements ExportCatalog {
       await volume.gate.enterShared();
       try {
         this.#checkOpen(volume);
-        const runs: LayerRun[] = [];
         const pieces: ReadPiece[] = [];
+        const reads: Array<Promise<void>> = [];
         volume.layer.map.runs(Math.floor(offset / BLOCK_SIZE), blocksOf(offset + length), (start, stop, value) => {
           const from = Math.max(start * BLOCK_SIZE, offset);
           const to = Math.min(stop * BLOCK_SIZE, offset + length);
@@ -705,23 +698,13 @@ export class Pool implements ExportCatalog {
             else pieces.push({ kind: 'zero', offset: from, length: to - from });
             return;
           }
-          runs.push({ from, to, layer: value });
-          if (into === undefined) {
-            pieces.push({ kind: 'data', offset: from, data: Buffer.allocUnsafe(to - from) });
-          } else if (last?.kind === 'data') {
-            last.data = into.subarray(last.offset - offset, to - offset);
-          } else {
-            pieces.push({ kind: 'data', offset: from, data: into.subarray(from - offset, to - offset) });
-          }
+          const data = into === undefined ? Buffer.allocUnsafe(to - from) : into.subarray(from - offset, to - offset);
+          // Runs from different layers that meet are one piece when they share `into`.
+          if (into !== undefined && last?.kind === 'data') last.data = into.subarray(last.offset - offset, to - offset);
+          else pieces.push({ kind: 'data', offset: from, data });
+          reads.push(this.#readLayer(this.#layers.get(value)!, data, from));
         });
-        // Without `into`, each run has a data piece of its own, in the same order.
-        const allocated = into === undefined ? pieces.filter((piece) => piece.kind === 'data') : [];
-        await Promise.all(
-          runs.map((run, i) => {
-            const target = into === undefined ? allocated[i]!.data : into.subarray(run.from - offset, run.to - offset);
-            return this.#readLayer(this.#layers.get(run.layer)!, target, run.from);
-          }),
-        );
+        await Promise.all(reads);
         return pieces;
       } finally {
         volume.gate.leaveShared();

@@ -9,6 +9,7 @@
  * `crashAfter` arms a crash on the Nth mutating call, so crashes land inside operations.
  */
 import type { FileHandle, FileLayer, OpenMode } from '../../src/store/file-layer.js';
+import { Pool, type PoolOptions } from '../../src/store/index.js';
 
 type PendingOp =
   | { kind: 'write'; position: number; bytes: Buffer }
@@ -256,4 +257,17 @@ export class MemoryFiles implements FileLayer {
     this.#alive();
     return Math.min(limit, this.largestFileSize);
   }
+}
+
+/**
+ * Cuts the power under `pool` (open at `dir` on `files`), reboots the file system with unsynced
+ * writes dropped or torn as `seed` decides, and opens the pool again as a restarted process
+ * would: the crashed process is gone, so its lock is stale.
+ */
+export async function crashAndReopen(files: MemoryFiles, pool: Pool, dir: string, seed: number, options: PoolOptions = {}): Promise<Pool> {
+  files.crash();
+  await pool.close().catch(() => undefined);
+  files.recover(rng(seed));
+  files.remove(`${dir}/lock`);
+  return Pool.open(dir, { ...options, files });
 }

@@ -10,7 +10,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { Pool } from '../../src/store/index.js';
 import type { BlockDevice } from '../../src/store/types.js';
-import { MemoryFiles, rng } from '../helpers/store-memfs.js';
+import { MemoryFiles, crashAndReopen } from '../helpers/store-memfs.js';
 
 const KiB = 1024;
 const NAMES = ['a', 'b', 'c', 'd'];
@@ -265,12 +265,7 @@ async function crashRun(
   const pool = await Pool.open('/pool', options);
   files.crashAfter(crashAt + 1);
   const model = await runUntilCrash(pool, files, steps);
-  files.crash();
-  await pool.close().catch(() => undefined);
-  files.recover(rng(seed));
-  // The crashed process is gone, so its lock is stale.
-  files.remove('/pool/lock');
-  const reopened = await Pool.open('/pool', options);
+  const reopened = await crashAndReopen(files, pool, '/pool', seed, options);
   try {
     await verify(reopened, model);
     // Opening starts a compaction: files of layers it folds go once it is done.

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { Pool, type PoolOptions } from '../../../src/store/index.js';
-import { MemoryFiles, rng } from '../../helpers/store-memfs.js';
+import { MemoryFiles, crashAndReopen } from '../../helpers/store-memfs.js';
 import { usePoolFixture } from '../../helpers/store-pool.js';
 
 const MiB = 1024 * 1024;
@@ -32,11 +32,7 @@ describe('labels', () => {
     const files = new MemoryFiles();
     const pool = await Pool.open('/pool', { files });
     await labelledPool(pool);
-    files.crash();
-    await pool.close().catch(() => undefined);
-    files.recover(rng(1));
-    files.remove('/pool/lock');
-    const reopened = await Pool.open('/pool', { files });
+    const reopened = await crashAndReopen(files, pool, '/pool', 1);
     try {
       expectLabels(reopened);
     } finally {
