@@ -17,6 +17,13 @@
  * entries; all leaves are at the same depth; keys are exact (the first start of the child).
  * Consequently an extent of child i ends at or before keys[i + 1].
  *
+ * In-place edits: path copying allocates and copies a few hundred numbers per change, which a
+ * volume's head pays on every first write though no one else can see its newest nodes. So a map
+ * carries an edit token, and assignInPlace() changes nodes stamped with that token in place.
+ * Nodes made since the map was last shared carry it; share() retires it before a second holder
+ * keeps the map. An owned node's parent is owned by the same token (path copying stamps the
+ * whole path), so shared nodes never reach an owned one.
+ *
  * Deletion does not rebalance: a node may stay under-full. Height still only grows by splits
  * and shrinks when the root has one child, so depth stays logarithmic in the number of extents
  * ever stored. Memory per extent is 24 bytes in a full leaf, about 35 in a typical one; a
@@ -28,16 +35,23 @@ export const FIRST_LAYER_ID = 16;
 
 const CAPACITY = 64;
 
+/** Live while the map holding it is its only holder. */
+interface EditToken {
+  live: boolean;
+}
+
 interface Leaf {
   readonly leaf: true;
   /** [start, length, value] per extent. */
   readonly ext: number[];
+  readonly owner: EditToken | null;
 }
 
 interface Inner {
   readonly leaf: false;
   readonly keys: number[];
-  readonly children: readonly MapNode[];
+  readonly children: MapNode[];
+  readonly owner: EditToken | null;
 }
 
 export type MapNode = Leaf | Inner;
@@ -49,30 +63,52 @@ function firstStart(node: MapNode): number {
   return node.leaf ? node.ext[0]! : node.keys[0]!;
 }
 
-function makeLeaf(ext: number[]): Leaf {
-  return { leaf: true, ext };
+function makeLeaf(ext: number[], owner: EditToken | null): Leaf {
+  return { leaf: true, ext, owner };
 }
 
-function makeInner(children: MapNode[]): Inner {
+function makeInner(children: MapNode[], owner: EditToken | null): Inner {
   const keys = newArray(children.length);
   for (let i = 0; i < children.length; i++) keys[i] = firstStart(children[i]!);
-  return { leaf: false, keys, children };
+  return { leaf: false, keys, children, owner };
 }
 
 /** Leaves from a packed extent array, split in two when over capacity. */
-function leavesOf(ext: number[]): MapNode[] {
+function leavesOf(ext: number[], owner: EditToken | null): MapNode[] {
   const count = ext.length / 3;
   if (count === 0) return [];
-  if (count <= CAPACITY) return [makeLeaf(ext)];
+  if (count <= CAPACITY) return [makeLeaf(ext, owner)];
   const half = count >> 1;
-  return [makeLeaf(ext.slice(0, half * 3)), makeLeaf(ext.slice(half * 3))];
+  return [makeLeaf(ext.slice(0, half * 3), owner), makeLeaf(ext.slice(half * 3), owner)];
 }
 
-function innersOf(children: MapNode[]): MapNode[] {
+function innersOf(children: MapNode[], owner: EditToken | null): MapNode[] {
   if (children.length === 0) return [];
-  if (children.length <= CAPACITY) return [makeInner(children)];
+  if (children.length <= CAPACITY) return [makeInner(children, owner)];
   const half = children.length >> 1;
-  return [makeInner(children.slice(0, half)), makeInner(children.slice(half))];
+  return [makeInner(children.slice(0, half), owner), makeInner(children.slice(half), owner)];
+}
+
+/** An owned node changed in place, as the list of nodes that replace it (split when over capacity). */
+function refitLeaf(node: Leaf): MapNode[] {
+  const count = node.ext.length / 3;
+  if (count === 0) return [];
+  if (count <= CAPACITY) return [node];
+  const half = count >> 1;
+  const tail = node.ext.slice(half * 3);
+  node.ext.length = half * 3;
+  return [node, makeLeaf(tail, node.owner)];
+}
+
+function refitInner(node: Inner): MapNode[] {
+  const count = node.children.length;
+  if (count === 0) return [];
+  if (count <= CAPACITY) return [node];
+  const half = count >> 1;
+  const tail = node.children.slice(half);
+  node.children.length = half;
+  node.keys.length = half;
+  return [node, makeInner(tail, node.owner)];
 }
 
 /**
@@ -133,77 +169,119 @@ function visitExtents(node: MapNode, lo: number, hi: number, visit: RunVisitor):
   return false;
 }
 
-/** Removes [lo, hi) from every extent; returns the replacement nodes (the same node if untouched). */
-function clear(node: MapNode, lo: number, hi: number): MapNode[] {
+/**
+ * Removes [lo, hi) from every extent; returns the replacement nodes, or null if nothing changed.
+ * Nodes owned by `owner` change in place; new nodes are stamped with it.
+ */
+function clear(node: MapNode, lo: number, hi: number, owner: EditToken | null): MapNode[] | null {
   if (node.leaf) {
     const ext = node.ext;
     const count = ext.length / 3;
     const first = firstEndingAfter(ext, lo);
     let last = first;
     while (last < count && ext[last * 3]! < hi) last++;
-    if (first === last) return [node];
+    if (first === last) return null;
     const leftCut = ext[first * 3]! < lo;
     const lastEnd = ext[(last - 1) * 3]! + ext[(last - 1) * 3 + 1]!;
     const rightCut = lastEnd > hi;
-    const out = newArray((first + (leftCut ? 1 : 0) + (rightCut ? 1 : 0) + count - last) * 3);
-    copy(ext, 0, first * 3, out, 0);
+    const kept = (leftCut ? 1 : 0) + (rightCut ? 1 : 0);
+    const leftStart = ext[first * 3]!;
+    const leftValue = ext[first * 3 + 2]!;
+    const rightValue = ext[(last - 1) * 3 + 2]!;
+    const inPlace = owner !== null && node.owner === owner;
+    const out = inPlace ? ext : newArray((first + kept + count - last) * 3);
+    if (inPlace) {
+      // Leaves `kept` slots where the cleared extents were: one extent cut on both sides makes two.
+      if (last - first >= kept) ext.splice(first * 3, (last - first - kept) * 3);
+      else ext.splice(first * 3, 0, 0, 0, 0);
+    } else {
+      copy(ext, 0, first * 3, out, 0);
+      copy(ext, last * 3, ext.length, out, (first + kept) * 3);
+    }
     let at = first * 3;
     if (leftCut) {
-      out[at] = ext[first * 3]!;
-      out[at + 1] = lo - ext[first * 3]!;
-      out[at + 2] = ext[first * 3 + 2]!;
+      out[at] = leftStart;
+      out[at + 1] = lo - leftStart;
+      out[at + 2] = leftValue;
       at += 3;
     }
     if (rightCut) {
       out[at] = hi;
       out[at + 1] = lastEnd - hi;
-      out[at + 2] = ext[(last - 1) * 3 + 2]!;
-      at += 3;
+      out[at + 2] = rightValue;
     }
-    copy(ext, last * 3, ext.length, out, at);
-    return leavesOf(out);
+    return inPlace ? refitLeaf(node) : leavesOf(out, owner);
   }
   const { keys, children } = node;
   const from = childFor(keys, lo);
+  let to = from;
   // Built only once a child changes: most clears (a first write) change nothing.
   let replaced: MapNode[] | undefined;
-  let i = from;
-  for (; i < children.length && keys[i]! < hi; i++) {
-    const child = children[i]!;
-    const nextKey = i + 1 < children.length ? keys[i + 1]! : Infinity;
-    const result = keys[i]! >= lo && nextKey <= hi ? [] : clear(child, lo, hi);
-    if (replaced === undefined) {
-      if (result.length === 1 && result[0] === child) continue;
-      replaced = children.slice(0, i);
+  for (; to < children.length && keys[to]! < hi; to++) {
+    const child = children[to]!;
+    const nextKey = to + 1 < children.length ? keys[to + 1]! : Infinity;
+    const result = keys[to]! >= lo && nextKey <= hi ? [] : clear(child, lo, hi, owner);
+    if (result === null) {
+      replaced?.push(child);
+      continue;
     }
-    replaced.push(...result);
+    replaced ??= children.slice(from, to);
+    for (const piece of result) replaced.push(piece);
   }
-  if (replaced === undefined) return [node];
-  for (; i < children.length; i++) replaced.push(children[i]!);
-  return innersOf(replaced);
+  if (replaced === undefined) return null;
+  if (owner !== null && node.owner === owner) {
+    replaceChildren(node, from, to, replaced);
+    return refitInner(node);
+  }
+  const rebuilt = children.slice(0, from);
+  for (const piece of replaced) rebuilt.push(piece);
+  for (let i = to; i < children.length; i++) rebuilt.push(children[i]!);
+  return innersOf(rebuilt, owner);
 }
 
-/** Inserts an extent into a range that holds none; returns the replacement nodes. */
-function insert(node: MapNode, start: number, length: number, value: number): MapNode[] {
+/** Puts `replaced` where children [from, to) of an owned node were, keys included. */
+function replaceChildren(node: Inner, from: number, to: number, replaced: MapNode[]): void {
+  if (replaced.length === to - from) {
+    for (let i = 0; i < replaced.length; i++) {
+      node.children[from + i] = replaced[i]!;
+      node.keys[from + i] = firstStart(replaced[i]!);
+    }
+    return;
+  }
+  node.children.splice(from, to - from, ...replaced);
+  node.keys.splice(from, to - from, ...replaced.map(firstStart));
+}
+
+/** Inserts an extent into a range that holds none; returns the replacement nodes. Owned nodes change in place. */
+function insert(node: MapNode, start: number, length: number, value: number, owner: EditToken | null): MapNode[] {
+  const inPlace = owner !== null && node.owner === owner;
   if (node.leaf) {
+    if (inPlace) {
+      node.ext.splice(firstEndingAfter(node.ext, start) * 3, 0, start, length, value);
+      return refitLeaf(node);
+    }
     const out = node.ext.slice();
     out.splice(firstEndingAfter(out, start) * 3, 0, start, length, value);
-    return leavesOf(out);
+    return leavesOf(out, owner);
   }
   const index = childFor(node.keys, start);
-  const replacement = insert(node.children[index]!, start, length, value);
+  const replacement = insert(node.children[index]!, start, length, value, owner);
+  if (inPlace) {
+    replaceChildren(node, index, index + 1, replacement);
+    return refitInner(node);
+  }
   if (replacement.length === 1) {
     // No split below: one child and its key change, the rest is copied as it is.
     const children = node.children.slice();
     children[index] = replacement[0]!;
     const keys = node.keys.slice();
     keys[index] = firstStart(replacement[0]!);
-    return [{ leaf: false, keys, children }];
+    return [{ leaf: false, keys, children, owner }];
   }
   const children = node.children.slice(0, index);
   for (const child of replacement) children.push(child);
   for (let i = index + 1; i < node.children.length; i++) children.push(node.children[i]!);
-  return innersOf(children);
+  return innersOf(children, owner);
 }
 
 /**
@@ -229,7 +307,7 @@ function replaceIn(node: MapNode, from: number, to: number, memo: Map<MapNode, M
         if (last >= 0 && out[last + 2] === value && out[last]! + out[last + 1]! === start) out[last + 1]! += length;
         else out.push(start, length, value);
       }
-      result = makeLeaf(out);
+      result = makeLeaf(out, null);
     }
   } else {
     let changed = false;
@@ -238,7 +316,7 @@ function replaceIn(node: MapNode, from: number, to: number, memo: Map<MapNode, M
       if (replaced !== child) changed = true;
       return replaced;
     });
-    if (changed) result = makeInner(children);
+    if (changed) result = makeInner(children, null);
   }
   memo.set(node, result);
   return result;
@@ -261,13 +339,14 @@ function layerBlocksIn(node: MapNode): number {
   } else {
     for (const child of node.children) total += layerBlocksIn(child);
   }
-  layerBlocksUnder.set(node, total);
+  // A node its map may still change in place is counted afresh each time.
+  if (node.owner === null || !node.owner.live) layerBlocksUnder.set(node, total);
   return total;
 }
 
-function rootOf(nodes: MapNode[]): MapNode | null {
+function rootOf(nodes: MapNode[], owner: EditToken | null): MapNode | null {
   if (nodes.length === 0) return null;
-  let root: MapNode = nodes.length === 1 ? nodes[0]! : makeInner(nodes);
+  let root: MapNode = nodes.length === 1 ? nodes[0]! : makeInner(nodes, owner);
   while (!root.leaf && root.children.length === 1) root = root.children[0]!;
   return root;
 }
@@ -276,9 +355,21 @@ export class BlockMap {
   static readonly EMPTY = new BlockMap(null);
 
   readonly root: MapNode | null;
+  /** Stamps the nodes assignInPlace may change; retired by share(). */
+  readonly #token: EditToken | null;
 
-  constructor(root: MapNode | null) {
+  constructor(root: MapNode | null, token: EditToken | null = null) {
     this.root = root;
+    this.#token = token;
+  }
+
+  /**
+   * Ends in-place changes to every node this map holds now, from this map or any it came from.
+   * Call it before a second holder keeps the map.
+   */
+  share(): this {
+    if (this.#token !== null) this.#token.live = false;
+    return this;
   }
 
   /** The value of one block. */
@@ -323,6 +414,7 @@ export class BlockMap {
 
   /** Blocks in [lo, hi) whose value is `value` (not UNALLOCATED). */
   count(lo: number, hi: number, value: number): number {
+    if (hi - lo === 1) return value !== UNALLOCATED && this.get(lo) === value ? 1 : 0;
     let total = 0;
     this.extents(lo, hi, (start, end, v) => {
       if (v === value) total += end - start;
@@ -340,6 +432,7 @@ export class BlockMap {
    * assign per extent. Pass the same `memo` for maps that share nodes, and they keep sharing them.
    */
   replaceValue(from: number, to: number, memo: Map<MapNode, MapNode> = new Map()): BlockMap {
+    this.share();
     if (this.root === null || from === to) return this;
     let map = new BlockMap(replaceIn(this.root, from, to, memo));
     if (map.root === this.root) return this;
@@ -354,24 +447,74 @@ export class BlockMap {
     return map;
   }
 
-  /** A map where [lo, hi) holds `value`; untouched nodes are shared with this one. */
+  /** A map where [lo, hi) holds `value`; untouched nodes are shared with this one, which stays as it is. */
   assign(lo: number, hi: number, value: number): BlockMap {
-    if (lo >= hi) return this;
-    if (value !== UNALLOCATED) {
-      const left = this.extentAt(lo - 1);
-      if (left !== undefined && left[2] === value) {
-        lo = left[0];
-        hi = Math.max(hi, left[1]);
-      }
-      const right = this.extentAt(hi);
-      if (right !== undefined && right[2] === value) hi = right[1];
-    }
-    let root = this.root === null ? null : rootOf(clear(this.root, lo, hi));
-    if (value !== UNALLOCATED) {
-      root = root === null ? makeLeaf([lo, hi - lo, value]) : rootOf(insert(root, lo, hi - lo, value));
-    }
-    return root === this.root ? this : new BlockMap(root);
+    return assignWith(this.share(), lo, hi, value, null);
   }
+
+  /**
+   * assign() for the map's only holder, who keeps the result and drops this map: nodes made
+   * since the map was last shared change in place rather than being copied.
+   */
+  assignInPlace(lo: number, hi: number, value: number): BlockMap {
+    const token = this.#token !== null && this.#token.live ? this.#token : { live: true };
+    if (value !== UNALLOCATED && lo < hi && this.root !== null && filledGapInPlace(this.root, lo, hi, value, token)) {
+      return new BlockMap(this.root, token);
+    }
+    return assignWith(this, lo, hi, value, token);
+  }
+}
+
+/**
+ * The common first write in one descent: [lo, hi) is a gap between two extents of one owned
+ * leaf, so that leaf alone changes, in place. False (nothing changed) where the general path is
+ * needed: a neighbour in another leaf, an overlap, a full leaf.
+ */
+function filledGapInPlace(root: MapNode, lo: number, hi: number, value: number, owner: EditToken): boolean {
+  let node = root;
+  while (!node.leaf) node = node.children[childFor(node.keys, lo)]!;
+  if (node.owner !== owner) return false;
+  const ext = node.ext;
+  const i = firstEndingAfter(ext, lo);
+  if (i === 0 || i === ext.length / 3) return false;
+  const nextStart = ext[i * 3]!;
+  if (nextStart < hi) return false;
+  const joinsPrevious = ext[(i - 1) * 3]! + ext[(i - 1) * 3 + 1]! === lo && ext[(i - 1) * 3 + 2] === value;
+  const joinsNext = nextStart === hi && ext[i * 3 + 2] === value;
+  if (joinsPrevious && joinsNext) {
+    ext[(i - 1) * 3 + 1]! += hi - lo + ext[i * 3 + 1]!;
+    ext.splice(i * 3, 3);
+  } else if (joinsPrevious) {
+    ext[(i - 1) * 3 + 1]! += hi - lo;
+  } else if (joinsNext) {
+    ext[i * 3] = lo;
+    ext[i * 3 + 1]! += hi - lo;
+  } else {
+    if (ext.length / 3 === CAPACITY) return false;
+    ext.splice(i * 3, 0, lo, hi - lo, value);
+  }
+  return true;
+}
+
+/** assign() and assignInPlace(): new nodes are stamped with `owner`, nodes it owns change in place. */
+function assignWith(map: BlockMap, lo: number, hi: number, value: number, owner: EditToken | null): BlockMap {
+  if (lo >= hi) return map;
+  if (value !== UNALLOCATED) {
+    const left = map.extentAt(lo - 1);
+    if (left !== undefined && left[2] === value) {
+      lo = left[0];
+      hi = Math.max(hi, left[1]);
+    }
+    const right = map.extentAt(hi);
+    if (right !== undefined && right[2] === value) hi = right[1];
+  }
+  const cleared = map.root === null ? null : clear(map.root, lo, hi, owner);
+  if (cleared === null && value === UNALLOCATED) return map;
+  let root = cleared === null ? map.root : rootOf(cleared, owner);
+  if (value !== UNALLOCATED) {
+    root = root === null ? makeLeaf([lo, hi - lo, value], owner) : rootOf(insert(root, lo, hi - lo, value, owner), owner);
+  }
+  return new BlockMap(root, owner);
 }
 
 /**
@@ -437,7 +580,7 @@ export function decodeMaps(bytes: Buffer, roots: readonly number[]): BlockMap[] 
     if (kind === 0) {
       const ext = newArray(count * 3);
       for (let i = 0; i < ext.length; i++, at += 8) ext[i] = bytes.readDoubleLE(at);
-      nodes.push(makeLeaf(ext));
+      nodes.push(makeLeaf(ext, null));
     } else if (kind === 1) {
       at += count * 8;
       const children: MapNode[] = [];
@@ -446,7 +589,7 @@ export function decodeMaps(bytes: Buffer, roots: readonly number[]): BlockMap[] 
         if (child === undefined) throw new Error('map node refers forward');
         children.push(child);
       }
-      nodes.push(makeInner(children));
+      nodes.push(makeInner(children, null));
     } else {
       throw new Error(`bad map node kind ${kind}`);
     }

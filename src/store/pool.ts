@@ -937,7 +937,7 @@ export class Pool implements ExportCatalog {
         const layer = this.#layers.get(record.layer);
         if (layer === undefined) throw new Error(`assign to unknown layer ${record.layer}`);
         const before = layer.map.count(record.start, record.end, layer.id);
-        layer.map = layer.map.assign(record.start, record.end, record.value);
+        layer.map = layer.map.assignInPlace(record.start, record.end, record.value);
         const delta = (record.value === layer.id ? record.end - record.start : 0) - before;
         layer.blocks += delta;
         this.#usedBlocks += delta;
@@ -1020,7 +1020,8 @@ export class Pool implements ExportCatalog {
 
   #newLayer(id: number, parent: Layer | null, map: BlockMap, size: number): Layer {
     if (this.#layers.has(id)) throw new Error(`layer ${id} exists`);
-    const layer: Layer = { id, parent, map, size, blocks: 0, refs: 0, owner: null };
+    // The map may already be another layer's: neither may change its nodes in place from now on.
+    const layer: Layer = { id, parent, map: map.share(), size, blocks: 0, refs: 0, owner: null };
     if (parent !== null) parent.refs++;
     this.#layers.set(id, layer);
     this.#nextLayerId = Math.max(this.#nextLayerId, id + 1);

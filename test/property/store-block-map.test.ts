@@ -1,7 +1,7 @@
 /**
  * BlockMap against a naive Map<block, value>: random assigns over a small and a sparse domain,
- * every version kept and re-checked (persistence), structural invariants, and the checkpoint
- * encoding round trip.
+ * every version kept and re-checked (persistence), in-place edits by two heads that share and
+ * fork, structural invariants, and the checkpoint encoding round trip.
  */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
@@ -117,23 +117,70 @@ describe('BlockMap', () => {
     );
   });
 
+  it('edits in place without changing any map shared before', () => {
+    type Step =
+      | { kind: 'write'; head: 0 | 1; op: Assign }
+      | { kind: 'snapshot'; head: 0 | 1 }
+      | { kind: 'fork'; from: 0 | 1 }
+      | { kind: 'count'; head: 0 | 1 };
+    const head = fc.constantFrom<0 | 1>(0, 1);
+    const step: fc.Arbitrary<Step> = fc.oneof(
+      { weight: 20, arbitrary: fc.record({ kind: fc.constant('write' as const), head, op: fc.tuple(fc.nat(2999), fc.integer({ min: 1, max: 120 }), values) }) },
+      { weight: 2, arbitrary: fc.record({ kind: fc.constant('snapshot' as const), head }) },
+      { weight: 1, arbitrary: fc.record({ kind: fc.constant('fork' as const), from: head }) },
+      { weight: 2, arbitrary: fc.record({ kind: fc.constant('count' as const), head }) },
+    );
+    fc.assert(
+      fc.property(fc.array(step, { maxLength: 400 }), (steps) => {
+        const heads: Array<[BlockMap, Map<number, number>]> = [
+          [BlockMap.EMPTY, new Map()],
+          [BlockMap.EMPTY, new Map()],
+        ];
+        const shared: Array<[BlockMap, Map<number, number>]> = [];
+        for (const s of steps) {
+          if (s.kind === 'write') {
+            const [map, model] = heads[s.head]!;
+            heads[s.head] = [map.assignInPlace(s.op[0], s.op[0] + s.op[1], s.op[2]), applyModel(model, s.op)];
+          } else if (s.kind === 'snapshot') {
+            // What a snapshot does: the head's map goes to a second holder, and the head goes on writing.
+            const [map, model] = heads[s.head]!;
+            shared.push([map.share(), new Map(model)]);
+          } else if (s.kind === 'fork') {
+            const [map, model] = heads[s.from]!;
+            heads[1 - s.from] = [map.share(), new Map(model)];
+          } else {
+            const [map, model] = heads[s.head]!;
+            expect(map.layerBlocks()).toBe([...model.values()].filter((value) => value >= 16).length);
+          }
+        }
+        for (const [map, model] of [...heads, ...shared]) check(map, model, 3200);
+      }),
+      { numRuns: 150 },
+    );
+  });
+
   it('grows deep trees with single blocks over a sparse domain', () => {
     fc.assert(
       fc.property(fc.array(fc.tuple(fc.nat(2 ** 32 - 1), values), { minLength: 500, maxLength: 3000 }), (points) => {
+        // In place, with the map shared halfway: splits of owned and shared nodes at every level.
         let map = BlockMap.EMPTY;
         const model = new Map<number, number>();
-        for (const [block, value] of points) {
-          map = map.assign(block, block + 1, value);
+        let halfway: [BlockMap, Map<number, number>] | undefined;
+        for (const [i, [block, value]] of points.entries()) {
+          if (i === points.length >> 1) halfway = [map.share(), new Map(model)];
+          map = map.assignInPlace(block, block + 1, value);
           if (value === 0) model.delete(block);
           else model.set(block, value);
         }
-        if (map.root !== null) checkNode(map.root, -Infinity, Infinity);
-        for (const [block, value] of model) expect(map.get(block)).toBe(value);
-        let stored = 0;
-        map.extents(0, Infinity, (start, end) => {
-          stored += end - start;
-        });
-        expect(stored).toBe(model.size);
+        for (const [version, expected] of [[map, model], halfway!] as const) {
+          if (version.root !== null) checkNode(version.root, -Infinity, Infinity);
+          for (const [block, value] of expected) expect(version.get(block)).toBe(value);
+          let stored = 0;
+          version.extents(0, Infinity, (start, end) => {
+            stored += end - start;
+          });
+          expect(stored).toBe(expected.size);
+        }
       }),
       { numRuns: 20 },
     );
