@@ -21,6 +21,7 @@
 import { open, readdir, readFile, readlink, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { serverEnvironment } from '../src/cli/server-env.js';
 import { adminSocketPath } from '../src/cli/serve.js';
 import { AdminClient } from '../src/control/admin-client.js';
 import { Pool } from '../src/store/index.js';
@@ -272,14 +273,14 @@ class RestartingExport implements RunningExport {
 /** The built CLI: dist/scripts → dist/src. */
 export const CLI_PATH = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
 
-/** As `npm start` runs it: with a 16-thread libuv pool unless the environment sets another size. */
+/** As `npm start` runs it: io_uring on and a 16-thread libuv pool, unless the environment says otherwise. */
 export function startClonebd(pool: string, host: string, port: number): Promise<ServerChild> {
   return startServer(
     process.execPath,
     [CLI_PATH, 'serve', '--pool', pool, '--listen', `${host}:${port}`, '--no-default-volume', '--log-level', 'warn'],
     host,
     port,
-    { ...process.env, UV_THREADPOOL_SIZE: process.env.UV_THREADPOOL_SIZE ?? '16' },
+    serverEnvironment(),
   );
 }
 

@@ -6,6 +6,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { serverEnvironment } from '../src/cli/server-env.js';
 import { AdminClient } from '../src/control/admin-client.js';
 
 const READY_TIMEOUT_MS = 30_000;
@@ -35,7 +36,7 @@ function exitOf(child: ChildProcess): Promise<void> {
 
 export async function startClonebd(cli: string, pool: string, extraArgs: readonly string[] = []): Promise<ClonebdProcess> {
   const args = [cli, 'serve', '--pool', pool, '--listen', '127.0.0.1:0', '--no-default-volume', '--log-level', 'warn', ...extraArgs];
-  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: serverEnvironment() });
   let stderr = '';
   child.stderr!.on('data', (chunk: Buffer) => (stderr = (stderr + chunk.toString()).slice(-STDERR_KEEP)));
   const port = await new Promise<number>((resolve, reject) => {

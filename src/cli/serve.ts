@@ -179,6 +179,9 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
     { pool: options.pool, address: address.address, port: address.port, socket: options.socket, tls: tls.mode, admin: adminSocketPath(options.pool), adminTcp: adminTcpAddress, metrics: metricsEndpoint?.address },
     'listening',
   );
+  if (process.env.UV_USE_IO_URING !== '1') {
+    logger.info('file I/O runs on the libuv thread pool; UV_USE_IO_URING=1 in the environment (as npm start sets it) makes reads that miss the page cache cheaper');
+  }
   await stopped;
   metricsEndpoint?.server.close();
   await admin.close();

@@ -11,11 +11,13 @@
  *
  * Reads and writes up to 1 MiB run synchronously while they are fast: a pread or pwrite that the
  * page cache serves costs a few microseconds on the event loop (a 1 MiB one about 100), against
- * about nine of CPU and a thread hand-off each way through libuv's pool, and parallel copies of
- * one file's pages on the pool's threads contend with each other (measured here: one reader
- * 2.1 GB/s, eight 0.5 GB/s in all). When slow ones become frequent (the disk is involved, or
- * the kernel throttles dirty pages) this layer switches to the pool for a while, so cold I/O keeps
- * its concurrency and never holds the event loop for long. A lone slow one is only the process
+ * about nine of CPU and a thread hand-off each way through libuv's pool (io_uring, where the
+ * server runs with it, saves the hand-offs but not the completion's trip through the event
+ * loop), and parallel copies of one file's pages on the pool's threads contend with each other
+ * (measured here: one reader 2.1 GB/s, eight 0.5 GB/s in all). When slow ones become frequent
+ * (the disk is involved, or the kernel throttles dirty pages) this layer switches to
+ * asynchronous transfers for a while, so cold I/O keeps its concurrency and never holds the
+ * event loop for long. A lone slow one is only the process
  * being descheduled on a busy machine, and does not count for much.
  */
 import { execFile } from 'node:child_process';

@@ -10,6 +10,7 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { serverEnvironment } from '../../src/cli/server-env.js';
 import type { Pool } from '../../src/store/index.js';
 import { spawnCli, type ExitStatus, type LogLine } from './cli-process.js';
 
@@ -95,7 +96,7 @@ function spawnServer(
 ): Promise<ServerProcess> {
   const cli = spawnCli(args, {
     label: 'server',
-    env,
+    env: serverEnvironment(env),
     cleanup: async () => {
       live.delete(server);
       await removeTempDir();
