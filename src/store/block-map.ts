@@ -323,8 +323,8 @@ function replaceIn(node: MapNode, from: number, to: number, memo: Map<MapNode, M
 }
 
 /**
- * Blocks under each node that name a layer. Nodes never change, so the count holds for good,
- * and a map that shares all but a changed path with one counted before is counted in
+ * Blocks under each node that name a layer. A shared node never changes again, so its count
+ * holds for good, and a map that shares all but a changed path with one counted before is counted in
  * O(depth * CAPACITY): a clone's reply stays fast however fragmented its source is.
  */
 const layerBlocksUnder = new WeakMap<MapNode, number>();

@@ -17,8 +17,8 @@
  * (measured here: one reader 2.1 GB/s, eight 0.5 GB/s in all). When slow ones become frequent
  * (the disk is involved, or the kernel throttles dirty pages) this layer switches to
  * asynchronous transfers for a while, so cold I/O keeps its concurrency and never holds the
- * event loop for long. A lone slow one is only the process
- * being descheduled on a busy machine, and does not count for much.
+ * event loop for long. A lone slow one is only the process being descheduled on a busy machine,
+ * and does not count for much.
  */
 import { execFile } from 'node:child_process';
 import { read, readSync, write, writeSync } from 'node:fs';

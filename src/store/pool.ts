@@ -689,9 +689,10 @@ export class Pool implements ExportCatalog {
         this.#checkOpen(volume);
         const pieces: ReadPiece[] = [];
         const reads: Array<Promise<void>> = [];
-        volume.layer.map.runs(Math.floor(offset / BLOCK_SIZE), blocksOf(offset + length), (start, stop, value) => {
+        const end = offset + length;
+        volume.layer.map.runs(Math.floor(offset / BLOCK_SIZE), blocksOf(end), (start, stop, value) => {
           const from = Math.max(start * BLOCK_SIZE, offset);
-          const to = Math.min(stop * BLOCK_SIZE, offset + length);
+          const to = Math.min(stop * BLOCK_SIZE, end);
           const last = pieces[pieces.length - 1];
           if (value < FIRST_LAYER_ID) {
             if (last?.kind === 'zero') last.length += to - from;
