@@ -31,7 +31,8 @@ export interface BlockDevice {
   readonly readOnly: boolean;
   /**
    * When `into` (at least `length` bytes) is given, data pieces may be views of it, each at its
-   * offset minus `offset`; the caller owns it and may reuse it once done with the pieces.
+   * offset minus `offset`; its bytes under zero pieces are undefined. The caller owns it and may
+   * reuse it once done with the pieces.
    */
   read(offset: number, length: number, into?: Buffer): Promise<ReadPiece[]>;
   write(offset: number, data: Uint8Array, fua: boolean): Promise<void>;
