@@ -1,12 +1,48 @@
 import { describe, expect, it } from 'vitest';
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Pool, type PoolOptions } from '../../../src/store/index.js';
+import { Pool, nodeFileLayer, type FileLayer, type PoolOptions } from '../../../src/store/index.js';
+import type { BlockDevice } from '../../../src/store/index.js';
 import { pattern, readBytes, sameBytes, usePoolFixture } from '../../helpers/store-pool.js';
 
 const MiB = 1024 * 1024;
 const fixture = usePoolFixture();
 const openPool = (options: PoolOptions = {}): Promise<Pool> => fixture.openPool(options);
+
+/** The real file layer, noting every read transfer as [position, length]. */
+function countingReads(): { files: FileLayer; reads: Array<[number, number]> } {
+  const files = nodeFileLayer();
+  const reads: Array<[number, number]> = [];
+  return {
+    reads,
+    files: {
+      ...files,
+      async open(path, mode) {
+        const handle = await files.open(path, mode);
+        return {
+          read(buffer, offset, length, position, alone) {
+            reads.push([position, length]);
+            return handle.read(buffer, offset, length, position, alone);
+          },
+          write: (buffer, offset, length, position, alone) => handle.write(buffer, offset, length, position, alone),
+          sync: () => handle.sync(),
+          truncate: (length) => handle.truncate(length),
+          size: () => handle.size(),
+          close: () => handle.close(),
+        };
+      },
+    },
+  };
+}
+
+/** Reads the range into one buffer, as the NBD server does, and lays out what the pieces say. */
+async function readInto(device: BlockDevice, offset: number, length: number): Promise<Buffer> {
+  const out = Buffer.alloc(length);
+  for (const piece of await device.read(offset, length, Buffer.alloc(length, 0xa5))) {
+    if (piece.kind === 'data') piece.data.copy(out, piece.offset - offset);
+  }
+  return out;
+}
 
 describe('snapshots and clones', () => {
   it('keeps a snapshot frozen while the volume changes', async () => {
@@ -192,6 +228,49 @@ describe('snapshots and clones', () => {
     await a.trim(0, 8192, false);
     await a.write(65536, Buffer.alloc(4096, 1), false);
     expect((await pool.usage()).freeBytes).toBe(4096);
+  });
+
+  it('reads a range a clone mostly shares with one transfer from its source, its own blocks laid over', async () => {
+    const { files, reads } = countingReads();
+    const pool = await openPool({ files });
+    await pool.createVolume('base', MiB);
+    const base = await pool.open('base');
+    const expected = pattern(MiB, 1);
+    await base.write(0, expected, false);
+    await pool.clone('base', 'c');
+    const c = await pool.open('c');
+    for (const block of [10, 100, 200]) {
+      const own = pattern(4096, block);
+      await c.write(block * 4096, own, false);
+      own.copy(expected, block * 4096);
+    }
+    await c.zero(150 * 4096, 4096, { mayTrim: true, fua: false });
+    expected.fill(0, 150 * 4096, 151 * 4096);
+    reads.length = 0;
+    expect(sameBytes(await readInto(c, 0, MiB), expected)).toBe('same');
+    expect(reads.length, 'one transfer from the source, one for each of the three blocks of its own').toBe(4);
+    expect(reads).toContainEqual([0, MiB]);
+  });
+
+  it('reads runs one by one when one transfer would mostly read what the range does not use', async () => {
+    const { files, reads } = countingReads();
+    const pool = await openPool({ files });
+    await pool.createVolume('base', MiB);
+    const base = await pool.open('base');
+    const expected = pattern(MiB, 1);
+    await base.write(0, expected, false);
+    await pool.clone('base', 'c');
+    const c = await pool.open('c');
+    const own = pattern(MiB - 8192, 2);
+    await c.write(4096, own, false);
+    own.copy(expected, 4096);
+    reads.length = 0;
+    expect(sameBytes(await readInto(c, 0, MiB), expected)).toBe('same');
+    expect(reads.sort(([a], [b]) => a - b)).toEqual([
+      [0, 4096],
+      [4096, MiB - 8192],
+      [MiB - 4096, 4096],
+    ]);
   });
 
   it('gives disk space back after trim (du falls)', async () => {
