@@ -458,7 +458,7 @@ export class BlockMap {
    */
   assignInPlace(lo: number, hi: number, value: number): BlockMap {
     const token = this.#token !== null && this.#token.live ? this.#token : { live: true };
-    if (value !== UNALLOCATED && lo < hi && this.root !== null && filledGapInPlace(this.root, lo, hi, value, token)) {
+    if (value !== UNALLOCATED && lo < hi && this.root !== null && assignedInLeafInPlace(this.root, lo, hi, value, token)) {
       return new BlockMap(this.root, token);
     }
     return assignWith(this, lo, hi, value, token);
@@ -466,19 +466,28 @@ export class BlockMap {
 }
 
 /**
- * The common first write in one descent: [lo, hi) is a gap between two extents of one owned
- * leaf, so that leaf alone changes, in place. False (nothing changed) where the general path is
- * needed: a neighbour in another leaf, an overlap, a full leaf.
+ * The common first writes in one descent, where one owned leaf alone changes, in place: [lo, hi)
+ * fills a gap between two of its extents (a new volume), or lies inside one of its extents (a
+ * clone writing over what it shares). False (nothing changed) where the general path is needed:
+ * a neighbour that may sit in another leaf, a range over several extents, a full leaf.
  */
-function filledGapInPlace(root: MapNode, lo: number, hi: number, value: number, owner: EditToken): boolean {
+function assignedInLeafInPlace(root: MapNode, lo: number, hi: number, value: number, owner: EditToken): boolean {
   let node = root;
   while (!node.leaf) node = node.children[childFor(node.keys, lo)]!;
   if (node.owner !== owner) return false;
   const ext = node.ext;
+  const count = ext.length / 3;
   const i = firstEndingAfter(ext, lo);
-  if (i === 0 || i === ext.length / 3) return false;
+  if (i === 0 && ext[0]! >= lo) return false;
+  if (i === count) return false;
+  if (ext[i * 3]! >= hi) return filledGap(ext, i, lo, hi, value);
+  if (ext[i * 3]! <= lo && ext[i * 3]! + ext[i * 3 + 1]! >= hi) return splitExtent(ext, i, lo, hi, value);
+  return false;
+}
+
+/** [lo, hi) becomes `value` in the gap before extent `i` (> 0) of a leaf's extents. */
+function filledGap(ext: number[], i: number, lo: number, hi: number, value: number): boolean {
   const nextStart = ext[i * 3]!;
-  if (nextStart < hi) return false;
   const joinsPrevious = ext[(i - 1) * 3]! + ext[(i - 1) * 3 + 1]! === lo && ext[(i - 1) * 3 + 2] === value;
   const joinsNext = nextStart === hi && ext[i * 3 + 2] === value;
   if (joinsPrevious && joinsNext) {
@@ -492,6 +501,48 @@ function filledGapInPlace(root: MapNode, lo: number, hi: number, value: number, 
   } else {
     if (ext.length / 3 === CAPACITY) return false;
     ext.splice(i * 3, 0, lo, hi - lo, value);
+  }
+  return true;
+}
+
+/**
+ * [lo, hi) becomes `value` inside extent `i` of a leaf's extents. An end of the range that meets
+ * an end of the extent may join the neighbour there, which must then be in this leaf.
+ */
+function splitExtent(ext: number[], i: number, lo: number, hi: number, value: number): boolean {
+  const count = ext.length / 3;
+  const start = ext[i * 3]!;
+  const end = start + ext[i * 3 + 1]!;
+  const held = ext[i * 3 + 2]!;
+  if (held === value) return true;
+  if ((lo === start && i === 0) || (hi === end && i === count - 1)) return false;
+  const joinsPrevious = lo === start && ext[(i - 1) * 3]! + ext[(i - 1) * 3 + 1]! === lo && ext[(i - 1) * 3 + 2] === value;
+  const joinsNext = hi === end && ext[(i + 1) * 3] === hi && ext[(i + 1) * 3 + 2] === value;
+  if (lo === start && hi === end) {
+    if (joinsPrevious || joinsNext) return false;
+    ext[i * 3 + 2] = value;
+  } else if (lo === start) {
+    if (joinsPrevious) {
+      ext[(i - 1) * 3 + 1]! += hi - lo;
+      ext[i * 3] = hi;
+      ext[i * 3 + 1] = end - hi;
+    } else {
+      if (count === CAPACITY) return false;
+      ext.splice(i * 3, 2, lo, hi - lo, value, hi, end - hi);
+    }
+  } else if (hi === end) {
+    if (joinsNext) {
+      ext[(i + 1) * 3] = lo;
+      ext[(i + 1) * 3 + 1]! += hi - lo;
+    } else {
+      if (count === CAPACITY) return false;
+      ext.splice((i + 1) * 3, 0, lo, hi - lo, value);
+    }
+    ext[i * 3 + 1] = lo - start;
+  } else {
+    if (count + 2 > CAPACITY) return false;
+    ext.splice((i + 1) * 3, 0, lo, hi - lo, value, hi, end - hi, held);
+    ext[i * 3 + 1] = lo - start;
   }
   return true;
 }
