@@ -232,7 +232,6 @@ interface DataRun {
  * has more than one run and the bytes between them are no more than its own; else undefined.
  */
 function spanningLayer(runs: readonly DataRun[]): DataRun | undefined {
-  if (runs.length < 2) return undefined;
   const bytesOf = new Map<number, number>();
   let major: number | undefined;
   let majorBytes = 0;
@@ -757,6 +756,10 @@ export class Pool implements ExportCatalog {
    * the runs are left undefined.
    */
   async #readRuns(runs: readonly DataRun[], into: Buffer, offset: number): Promise<void> {
+    if (runs.length === 1) {
+      const run = runs[0]!;
+      return this.#readLayer(this.#layers.get(run.layer)!, into.subarray(run.from - offset, run.to - offset), run.from);
+    }
     const over = spanningLayer(runs);
     const within = (run: DataRun): boolean => over !== undefined && run.layer !== over.layer && run.from > over.from && run.from < over.to;
     let asideBytes = 0;
