@@ -35,6 +35,20 @@ function countingReads(): { files: FileLayer; reads: Array<[number, number]> } {
   };
 }
 
+/**
+ * A pool whose file layer counts reads, with 'base' (1 MiB) written in full and its clone 'c'
+ * open; `expected` is what 'c' reads so far.
+ */
+async function cloneOfWrittenVolume(): Promise<{ c: BlockDevice; expected: Buffer; reads: Array<[number, number]> }> {
+  const { files, reads } = countingReads();
+  const pool = await openPool({ files });
+  await pool.createVolume('base', MiB);
+  const expected = pattern(MiB, 1);
+  await (await pool.open('base')).write(0, expected, false);
+  await pool.clone('base', 'c');
+  return { c: await pool.open('c'), expected, reads };
+}
+
 /** Reads the range into one buffer, as the NBD server does, and lays out what the pieces say. */
 async function readInto(device: BlockDevice, offset: number, length: number): Promise<Buffer> {
   const out = Buffer.alloc(length);
@@ -231,14 +245,7 @@ describe('snapshots and clones', () => {
   });
 
   it('reads a range a clone mostly shares with one transfer from its source, its own blocks laid over', async () => {
-    const { files, reads } = countingReads();
-    const pool = await openPool({ files });
-    await pool.createVolume('base', MiB);
-    const base = await pool.open('base');
-    const expected = pattern(MiB, 1);
-    await base.write(0, expected, false);
-    await pool.clone('base', 'c');
-    const c = await pool.open('c');
+    const { c, expected, reads } = await cloneOfWrittenVolume();
     for (const block of [10, 100, 200]) {
       const own = pattern(4096, block);
       await c.write(block * 4096, own, false);
@@ -253,14 +260,7 @@ describe('snapshots and clones', () => {
   });
 
   it('reads runs one by one when one transfer would mostly read what the range does not use', async () => {
-    const { files, reads } = countingReads();
-    const pool = await openPool({ files });
-    await pool.createVolume('base', MiB);
-    const base = await pool.open('base');
-    const expected = pattern(MiB, 1);
-    await base.write(0, expected, false);
-    await pool.clone('base', 'c');
-    const c = await pool.open('c');
+    const { c, expected, reads } = await cloneOfWrittenVolume();
     const own = pattern(MiB - 8192, 2);
     await c.write(4096, own, false);
     own.copy(expected, 4096);
