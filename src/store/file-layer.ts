@@ -19,9 +19,15 @@
  * asynchronous transfers for a while, so cold I/O keeps its concurrency and never holds the
  * event loop for long. A lone slow one is only the process being descheduled on a busy machine,
  * and does not count for much.
+ *
+ * Reads into shared memory (the buffers of large requests) that may not run synchronously go to
+ * reader threads of our own rather than to libuv (see BulkReaders), and keep a policy of their
+ * own: a slow one of those is a disk read of up to a megabyte that held the event loop for
+ * milliseconds, so two in a row send them to the threads for a second.
  */
 import { execFile } from 'node:child_process';
 import { read, readSync, write, writeSync } from 'node:fs';
+import { BulkReaders } from './bulk-readers.js';
 import { constants, open, mkdir, readdir, rename, statfs, unlink, type FileHandle as NodeFileHandle } from 'node:fs/promises';
 
 const PROBE_BLOCK = 4096;
@@ -34,16 +40,30 @@ const SYNC_IO_MAX_BYTES = 1024 * 1024;
  */
 const SYNC_IO_SLOW_BASE_MS = 0.05;
 const SYNC_IO_CACHE_BYTES_PER_MS = 2_000_000;
-/** How long to stay on the thread pool once slow transfers are frequent. */
-const SYNC_IO_BACKOFF_MS = 100;
 /** The share of recent transfers that were slow, as a moving average, that means "frequent". */
 const SYNC_IO_SLOW_SHARE = 0.25;
-const SYNC_IO_AVERAGE_WEIGHT = 0.1;
 
-/** Decides, per file layer, whether small transfers may run on the event loop now. */
+export interface SyncIoTuning {
+  /** How long to stay asynchronous once slow transfers are frequent. */
+  backoffMs: number;
+  /** The weight of the latest transfer in the moving average of slow ones. */
+  averageWeight: number;
+}
+
+const SMALL_TRANSFERS: SyncIoTuning = { backoffMs: 100, averageWeight: 0.1 };
+const SHARED_MEMORY_READS: SyncIoTuning = { backoffMs: 1000, averageWeight: 0.2 };
+/** Reader threads for reads into shared memory: about as many as the disk serves at once. */
+const BULK_READER_THREADS = 8;
+
+/** Decides, per file layer, whether transfers may run on the event loop now. */
 export class SyncIoPolicy {
+  readonly #tuning: SyncIoTuning;
   #asyncUntil = 0;
   #slowShare = 0;
+
+  constructor(tuning: SyncIoTuning = SMALL_TRANSFERS) {
+    this.#tuning = tuning;
+  }
 
   /**
    * Runs `transfer` synchronously if allowed and returns its result, else undefined. `alone`: the
@@ -57,9 +77,9 @@ export class SyncIoPolicy {
     const result = transfer();
     const finished = performance.now();
     const slow = finished - started > SYNC_IO_SLOW_BASE_MS + length / SYNC_IO_CACHE_BYTES_PER_MS ? 1 : 0;
-    this.#slowShare += (slow - this.#slowShare) * SYNC_IO_AVERAGE_WEIGHT;
+    this.#slowShare += (slow - this.#slowShare) * this.#tuning.averageWeight;
     if (this.#slowShare > SYNC_IO_SLOW_SHARE) {
-      this.#asyncUntil = finished + SYNC_IO_BACKOFF_MS;
+      this.#asyncUntil = finished + this.#tuning.backoffMs;
       this.#slowShare = 0;
     }
     return result;
@@ -110,9 +130,16 @@ const FLAGS: Record<OpenMode, number> = {
   createExclusive: constants.O_RDWR | constants.O_CREAT | constants.O_EXCL,
 };
 
+/** What every handle of one file layer shares. */
+interface Transfers {
+  policy: SyncIoPolicy;
+  sharedReadPolicy: SyncIoPolicy;
+  readers: BulkReaders;
+}
+
 class NodeHandle implements FileHandle {
   readonly #handle: NodeFileHandle;
-  readonly #policy: SyncIoPolicy;
+  readonly #transfers: Transfers;
   /**
    * Transfers on the pool use the bare descriptor, which FileHandle does not count: close waits
    * for them, or a descriptor number reused by another open could receive their bytes.
@@ -120,17 +147,20 @@ class NodeHandle implements FileHandle {
   #onPool = 0;
   #drained: (() => void) | undefined;
 
-  constructor(handle: NodeFileHandle, policy: SyncIoPolicy) {
+  constructor(handle: NodeFileHandle, transfers: Transfers) {
     this.#handle = handle;
-    this.#policy = policy;
+    this.#transfers = transfers;
   }
 
   async read(buffer: Uint8Array, offset: number, length: number, position: number, alone = false): Promise<number> {
     const fd = this.#handle.fd;
-    const quick = this.#policy.attempt(length, () => readFully(fd, buffer, offset, length, position), alone);
+    const shared = buffer.buffer instanceof SharedArrayBuffer;
+    const policy = shared ? this.#transfers.sharedReadPolicy : this.#transfers.policy;
+    const quick = policy.attempt(length, () => readFully(fd, buffer, offset, length, position), alone);
     if (quick !== undefined) return quick;
     this.#onPool++;
     try {
+      if (shared) return await this.#transfers.readers.read(fd, buffer.subarray(offset, offset + length), position);
       let done = 0;
       while (done < length) {
         const bytesRead = await readOnPool(fd, buffer, offset + done, length - done, position + done);
@@ -145,7 +175,7 @@ class NodeHandle implements FileHandle {
 
   async write(buffer: Uint8Array, offset: number, length: number, position: number, alone = false): Promise<void> {
     const fd = this.#handle.fd;
-    if (this.#policy.attempt(length, () => writeFully(fd, buffer, offset, length, position), alone) !== undefined) return;
+    if (this.#transfers.policy.attempt(length, () => writeFully(fd, buffer, offset, length, position), alone) !== undefined) return;
     this.#onPool++;
     try {
       let done = 0;
@@ -210,10 +240,14 @@ function writeFully(fd: number, buffer: Uint8Array, offset: number, length: numb
 /** The FileLayer over node:fs/promises. */
 export function nodeFileLayer(): FileLayer {
   let fallocateMissing = false;
-  const policy = new SyncIoPolicy();
+  const transfers: Transfers = {
+    policy: new SyncIoPolicy(),
+    sharedReadPolicy: new SyncIoPolicy(SHARED_MEMORY_READS),
+    readers: new BulkReaders(BULK_READER_THREADS),
+  };
   return {
     async open(path, mode) {
-      return new NodeHandle(await open(path, FLAGS[mode], 0o600), policy);
+      return new NodeHandle(await open(path, FLAGS[mode], 0o600), transfers);
     },
     rename,
     unlink,
