@@ -85,19 +85,19 @@ export class BulkReaders {
     // Not the process's flags: --input-type=module, say, would make the program an ES module.
     const worker = new Worker(WORKER_SOURCE, { eval: true, execArgv: [] });
     const reader: Reader = { worker, pending: new Map() };
-    reader.worker.on('message', (reply: Reply) => {
+    worker.on('message', (reply: Reply) => {
       const pending = reader.pending.get(reply.id);
       if (pending === undefined) return;
       reader.pending.delete(reply.id);
-      if (reader.pending.size === 0) reader.worker.unref();
+      if (reader.pending.size === 0) worker.unref();
       if (reply.done !== undefined) pending.resolve(reply.done);
       else pending.reject(Object.assign(new Error(reply.message), { code: reply.code }));
     });
     // A thread that died (out of memory, say) fails what it held; the next read starts another.
-    reader.worker.on('error', (error) => this.#lose(reader, error));
-    reader.worker.on('exit', (code) => this.#lose(reader, new Error(`a reader thread stopped (exit code ${code})`)));
+    worker.on('error', (error) => this.#lose(reader, error));
+    worker.on('exit', (code) => this.#lose(reader, new Error(`a reader thread stopped (exit code ${code})`)));
     // After the listeners, since adding the first one refs the worker again.
-    reader.worker.unref();
+    worker.unref();
     this.#readers.push(reader);
     return reader;
   }
@@ -105,7 +105,8 @@ export class BulkReaders {
   #lose(reader: Reader, error: Error): void {
     const at = this.#readers.indexOf(reader);
     if (at >= 0) this.#readers.splice(at, 1);
-    for (const pending of reader.pending.values()) pending.reject(Object.assign(error, { code: 'EIO' }));
+    const failure = Object.assign(error, { code: 'EIO' });
+    for (const pending of reader.pending.values()) pending.reject(failure);
     reader.pending.clear();
   }
 }

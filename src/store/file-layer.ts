@@ -27,8 +27,8 @@
  */
 import { execFile } from 'node:child_process';
 import { read, readSync, write, writeSync } from 'node:fs';
-import { BulkReaders } from './bulk-readers.js';
 import { constants, open, mkdir, readdir, rename, statfs, unlink, type FileHandle as NodeFileHandle } from 'node:fs/promises';
+import { BulkReaders } from './bulk-readers.js';
 
 const PROBE_BLOCK = 4096;
 /** Largest transfer tried synchronously. */

@@ -12,9 +12,9 @@
  * destination runs a few bytes behind its source within the page, which the CPU handles badly;
  * pwrite from such a buffer is as slow). So every buffer starts OFFSET bytes into its allocation.
  *
- * Buffers in size classes from SHARED_FROM_BYTES up live in shared memory (a SharedArrayBuffer), so a read
- * for a large request can be done by one of the store's reader threads straight into the reply
- * (see BulkReaders); copies into and out of shared memory run at the same speed.
+ * Buffers in size classes from SHARED_FROM_BYTES up live in shared memory (a SharedArrayBuffer),
+ * so a read for a large request can be done by one of the store's reader threads straight into
+ * the reply (see BulkReaders); copies into and out of shared memory run at the same speed.
  *
  * Buffers come in power-of-two classes; a released buffer waits for the next request of its class
  * unless the pool already holds `maxFreeBytes`. Only a buffer lent by this pool and not yet

@@ -12,13 +12,19 @@ afterEach(async () => {
   dir = undefined;
 });
 
+/** A 4 MiB file in a fresh directory, each 4 KiB block starting with its own offset. */
+async function numberedFile(): Promise<{ path: string; content: Buffer }> {
+  dir = await mkdtemp(join(tmpdir(), 'clonebd-files-'));
+  const path = join(dir, 'data');
+  const content = Buffer.alloc(4 * MiB);
+  for (let i = 0; i < content.length; i += 4096) content.writeUInt32LE(i, i);
+  await writeFile(path, content);
+  return { path, content };
+}
+
 describe('node file layer', () => {
   it('closes a descriptor only after the transfers on the thread pool are done with it', async () => {
-    dir = await mkdtemp(join(tmpdir(), 'clonebd-files-'));
-    const path = join(dir, 'data');
-    const content = Buffer.alloc(4 * MiB);
-    for (let i = 0; i < content.length; i += 4096) content.writeUInt32LE(i, i);
-    await writeFile(path, content);
+    const { path, content } = await numberedFile();
     const files = nodeFileLayer();
     const handle = await files.open(path, 'readWrite');
     const settled: string[] = [];
@@ -38,11 +44,7 @@ describe('node file layer', () => {
   });
 
   it('reads large transfers into shared memory on reader threads: right bytes, a short read at the end, close after them', async () => {
-    dir = await mkdtemp(join(tmpdir(), 'clonebd-files-'));
-    const path = join(dir, 'data');
-    const content = Buffer.alloc(4 * MiB);
-    for (let i = 0; i < content.length; i += 4096) content.writeUInt32LE(i, i);
-    await writeFile(path, content);
+    const { path, content } = await numberedFile();
     const handle = await nodeFileLayer().open(path, 'read');
     const settled: string[] = [];
     // Larger than any synchronous transfer, so each goes to a reader thread.
