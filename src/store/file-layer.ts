@@ -19,16 +19,10 @@
  * asynchronous transfers for a while, so cold I/O keeps its concurrency and never holds the
  * event loop for long. A lone slow one is only the process being descheduled on a busy machine,
  * and does not count for much.
- *
- * Reads into shared memory (the buffers of large requests) that may not run synchronously go to
- * reader threads of our own rather than to libuv (see BulkReaders), and keep a policy of their
- * own: a slow one of those is a disk read of up to a megabyte that held the event loop for
- * milliseconds, so two in a row send them to the threads for a second.
  */
 import { execFile } from 'node:child_process';
 import { read, readSync, write, writeSync } from 'node:fs';
 import { constants, open, mkdir, readdir, rename, statfs, unlink, type FileHandle as NodeFileHandle } from 'node:fs/promises';
-import { BulkReaders } from './bulk-readers.js';
 
 const PROBE_BLOCK = 4096;
 /** Largest transfer tried synchronously. */
@@ -40,30 +34,16 @@ const SYNC_IO_MAX_BYTES = 1024 * 1024;
  */
 const SYNC_IO_SLOW_BASE_MS = 0.05;
 const SYNC_IO_CACHE_BYTES_PER_MS = 2_000_000;
+/** How long to stay on the thread pool once slow transfers are frequent. */
+const SYNC_IO_BACKOFF_MS = 100;
 /** The share of recent transfers that were slow, as a moving average, that means "frequent". */
 const SYNC_IO_SLOW_SHARE = 0.25;
+const SYNC_IO_AVERAGE_WEIGHT = 0.1;
 
-export interface SyncIoTuning {
-  /** How long to stay asynchronous once slow transfers are frequent. */
-  backoffMs: number;
-  /** The weight of the latest transfer in the moving average of slow ones. */
-  averageWeight: number;
-}
-
-const SMALL_TRANSFERS: SyncIoTuning = { backoffMs: 100, averageWeight: 0.1 };
-const SHARED_MEMORY_READS: SyncIoTuning = { backoffMs: 1000, averageWeight: 0.2 };
-/** Reader threads for reads into shared memory: about as many as the disk serves at once. */
-const BULK_READER_THREADS = 8;
-
-/** Decides, per file layer, whether transfers may run on the event loop now. */
+/** Decides, per file layer, whether small transfers may run on the event loop now. */
 export class SyncIoPolicy {
-  readonly #tuning: SyncIoTuning;
   #asyncUntil = 0;
   #slowShare = 0;
-
-  constructor(tuning: SyncIoTuning = SMALL_TRANSFERS) {
-    this.#tuning = tuning;
-  }
 
   /**
    * Runs `transfer` synchronously if allowed and returns its result, else undefined. `alone`: the
@@ -77,9 +57,9 @@ export class SyncIoPolicy {
     const result = transfer();
     const finished = performance.now();
     const slow = finished - started > SYNC_IO_SLOW_BASE_MS + length / SYNC_IO_CACHE_BYTES_PER_MS ? 1 : 0;
-    this.#slowShare += (slow - this.#slowShare) * this.#tuning.averageWeight;
+    this.#slowShare += (slow - this.#slowShare) * SYNC_IO_AVERAGE_WEIGHT;
     if (this.#slowShare > SYNC_IO_SLOW_SHARE) {
-      this.#asyncUntil = finished + this.#tuning.backoffMs;
+      this.#asyncUntil = finished + SYNC_IO_BACKOFF_MS;
       this.#slowShare = 0;
     }
     return result;
@@ -130,16 +110,9 @@ const FLAGS: Record<OpenMode, number> = {
   createExclusive: constants.O_RDWR | constants.O_CREAT | constants.O_EXCL,
 };
 
-/** What every handle of one file layer shares. */
-interface Transfers {
-  policy: SyncIoPolicy;
-  sharedReadPolicy: SyncIoPolicy;
-  readers: BulkReaders;
-}
-
 class NodeHandle implements FileHandle {
   readonly #handle: NodeFileHandle;
-  readonly #transfers: Transfers;
+  readonly #policy: SyncIoPolicy;
   /**
    * Transfers on the pool use the bare descriptor, which FileHandle does not count: close waits
    * for them, or a descriptor number reused by another open could receive their bytes.
@@ -147,20 +120,17 @@ class NodeHandle implements FileHandle {
   #onPool = 0;
   #drained: (() => void) | undefined;
 
-  constructor(handle: NodeFileHandle, transfers: Transfers) {
+  constructor(handle: NodeFileHandle, policy: SyncIoPolicy) {
     this.#handle = handle;
-    this.#transfers = transfers;
+    this.#policy = policy;
   }
 
   async read(buffer: Uint8Array, offset: number, length: number, position: number, alone = false): Promise<number> {
     const fd = this.#handle.fd;
-    const shared = buffer.buffer instanceof SharedArrayBuffer;
-    const policy = shared ? this.#transfers.sharedReadPolicy : this.#transfers.policy;
-    const quick = policy.attempt(length, () => readFully(fd, buffer, offset, length, position), alone);
+    const quick = this.#policy.attempt(length, () => readFully(fd, buffer, offset, length, position), alone);
     if (quick !== undefined) return quick;
     this.#onPool++;
     try {
-      if (shared) return await this.#transfers.readers.read(fd, buffer.subarray(offset, offset + length), position);
       let done = 0;
       while (done < length) {
         const bytesRead = await readOnPool(fd, buffer, offset + done, length - done, position + done);
@@ -175,7 +145,7 @@ class NodeHandle implements FileHandle {
 
   async write(buffer: Uint8Array, offset: number, length: number, position: number, alone = false): Promise<void> {
     const fd = this.#handle.fd;
-    if (this.#transfers.policy.attempt(length, () => writeFully(fd, buffer, offset, length, position), alone) !== undefined) return;
+    if (this.#policy.attempt(length, () => writeFully(fd, buffer, offset, length, position), alone) !== undefined) return;
     this.#onPool++;
     try {
       let done = 0;
@@ -240,14 +210,10 @@ function writeFully(fd: number, buffer: Uint8Array, offset: number, length: numb
 /** The FileLayer over node:fs/promises. */
 export function nodeFileLayer(): FileLayer {
   let fallocateMissing = false;
-  const transfers: Transfers = {
-    policy: new SyncIoPolicy(),
-    sharedReadPolicy: new SyncIoPolicy(SHARED_MEMORY_READS),
-    readers: new BulkReaders(BULK_READER_THREADS),
-  };
+  const policy = new SyncIoPolicy();
   return {
     async open(path, mode) {
-      return new NodeHandle(await open(path, FLAGS[mode], 0o600), transfers);
+      return new NodeHandle(await open(path, FLAGS[mode], 0o600), policy);
     },
     rename,
     unlink,

@@ -764,9 +764,7 @@ export class Pool implements ExportCatalog {
     const within = (run: DataRun): boolean => over !== undefined && run.layer !== over.layer && run.from > over.from && run.from < over.to;
     let asideBytes = 0;
     for (const run of runs) if (within(run)) asideBytes += run.to - run.from;
-    let aside = into.subarray(0, 0);
-    // Shared like `into`, so that reader threads can fill it too (see BulkReaders).
-    if (asideBytes > 0) aside = into.buffer instanceof SharedArrayBuffer ? Buffer.from(new SharedArrayBuffer(asideBytes)) : Buffer.allocUnsafe(asideBytes);
+    const aside = Buffer.allocUnsafe(asideBytes);
     const reads: Array<Promise<void>> = [];
     if (over !== undefined) {
       reads.push(this.#readLayer(this.#layers.get(over.layer)!, into.subarray(over.from - offset, over.to - offset), over.from));

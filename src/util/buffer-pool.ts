@@ -12,18 +12,14 @@
  * destination runs a few bytes behind its source within the page, which the CPU handles badly;
  * pwrite from such a buffer is as slow). So every buffer starts OFFSET bytes into its allocation.
  *
- * Buffers in size classes from SHARED_FROM_BYTES up live in shared memory (a SharedArrayBuffer),
- * so a read for a large request can be done by one of the store's reader threads straight into
- * the reply (see BulkReaders); copies into and out of shared memory run at the same speed.
- *
  * Buffers come in power-of-two classes; a released buffer waits for the next request of its class
  * unless the pool already holds `maxFreeBytes`. Only a buffer lent by this pool and not yet
  * returned is taken back, so releasing anything else, or twice, does nothing.
  */
 export class BufferPool {
   readonly #maxFreeBytes: number;
-  readonly #free = new Map<number, ArrayBufferLike[]>();
-  readonly #lent = new WeakSet<ArrayBufferLike>();
+  readonly #free = new Map<number, ArrayBuffer[]>();
+  readonly #lent = new WeakSet<ArrayBuffer>();
   #freeBytes = 0;
 
   constructor(maxFreeBytes: number) {
@@ -39,7 +35,7 @@ export class BufferPool {
   acquire(length: number): Buffer {
     const size = sizeClass(length);
     let backing = this.#free.get(size + OFFSET)?.pop();
-    if (backing === undefined) backing = size >= SHARED_FROM_BYTES ? new SharedArrayBuffer(size + OFFSET) : allocateShifted(size).buffer;
+    if (backing === undefined) backing = allocateShifted(size).buffer as ArrayBuffer;
     else this.#freeBytes -= backing.byteLength;
     this.#lent.add(backing);
     return Buffer.from(backing, OFFSET, length);
@@ -48,7 +44,7 @@ export class BufferPool {
   /** Gives a buffer from acquire() back; its contents may be reused at once. */
   release(buffer: Uint8Array): void {
     const backing = buffer.buffer;
-    if (!this.#lent.has(backing)) return;
+    if (!(backing instanceof ArrayBuffer) || !this.#lent.has(backing)) return;
     this.#lent.delete(backing);
     if (this.#freeBytes + backing.byteLength > this.#maxFreeBytes) return;
     let list = this.#free.get(backing.byteLength);
@@ -64,7 +60,6 @@ export function allocateShifted(length: number): Buffer {
 }
 
 const OFFSET = 64;
-const SHARED_FROM_BYTES = 128 * 1024;
 
 function sizeClass(length: number): number {
   return length <= 4096 ? 4096 : 2 ** Math.ceil(Math.log2(length));

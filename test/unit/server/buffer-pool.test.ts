@@ -44,16 +44,6 @@ describe('BufferPool', () => {
     for (const length of [100, 4096, 65_536, 1 << 20]) expect(pool.acquire(length).byteOffset).toBe(64);
   });
 
-  it('lends buffers over 64 KiB (size classes of 128 KiB and up) in shared memory, for reader threads to fill', () => {
-    const pool = new BufferPool(1 << 24);
-    expect(pool.acquire(64 * 1024).buffer).toBeInstanceOf(ArrayBuffer);
-    expect(pool.acquire(64 * 1024 + 1).buffer).toBeInstanceOf(SharedArrayBuffer);
-    const shared = pool.acquire(1 << 20);
-    expect(shared.buffer).toBeInstanceOf(SharedArrayBuffer);
-    pool.release(shared);
-    expect(pool.acquire(1 << 20).buffer).toBe(shared.buffer);
-  });
-
   it('ignores buffers it did not lend and buffers released twice', () => {
     const pool = new BufferPool(1 << 24);
     pool.release(Buffer.alloc(8192));

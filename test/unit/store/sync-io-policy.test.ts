@@ -47,16 +47,6 @@ describe('synchronous small I/O', () => {
     expect(ran).toBe(false);
   });
 
-  it('tuned to back off at once and for longer: two slow transfers send the next ones away until the backoff ends', () => {
-    const policy = new SyncIoPolicy({ backoffMs: 100, averageWeight: 0.2 });
-    for (let i = 0; i < 20; i++) policy.attempt(4096, () => 1);
-    expect(policy.attempt(4096, () => busyFor(1))).toBe(7);
-    expect(policy.attempt(4096, () => busyFor(1))).toBe(7);
-    expect(policy.attempt(4096, () => 1)).toBeUndefined();
-    busyFor(110);
-    expect(policy.attempt(4096, () => 1)).toBe(1);
-  });
-
   it('runs a transfer of a caller with nothing else under way on the spot, even while backing off', () => {
     const policy = new SyncIoPolicy();
     while (policy.attempt(4096, () => busyFor(1)) !== undefined);
