@@ -22,6 +22,7 @@
  */
 import { execFile } from 'node:child_process';
 import { read, readSync, write, writeSync } from 'node:fs';
+import { allocateShifted } from '../util/buffer-pool.js';
 import { constants, open, mkdir, readdir, rename, statfs, unlink, type FileHandle as NodeFileHandle } from 'node:fs/promises';
 
 const PROBE_BLOCK = 4096;
@@ -72,6 +73,11 @@ export interface FileHandle {
    * under way (a hint about how to wait).
    */
   read(buffer: Uint8Array, offset: number, length: number, position: number, alone?: boolean): Promise<number>;
+  /**
+   * Brings up to `length` bytes at `position` into the page cache, off the event loop, for a read
+   * that comes soon; settles once they are there or the attempt failed.
+   */
+  prefetch(position: number, length: number): Promise<void>;
   /** Writes all `length` bytes or throws; `alone` as for read(). */
   write(buffer: Uint8Array, offset: number, length: number, position: number, alone?: boolean): Promise<void>;
   sync(): Promise<void>;
@@ -143,6 +149,16 @@ class NodeHandle implements FileHandle {
     }
   }
 
+  async prefetch(position: number, length: number): Promise<void> {
+    const target = prefetchScratch();
+    this.#onPool++;
+    try {
+      await readOnPool(this.#handle.fd, target, 0, Math.min(length, target.length), position);
+    } finally {
+      this.#leavePool();
+    }
+  }
+
   async write(buffer: Uint8Array, offset: number, length: number, position: number, alone = false): Promise<void> {
     const fd = this.#handle.fd;
     if (this.#policy.attempt(length, () => writeFully(fd, buffer, offset, length, position), alone) !== undefined) return;
@@ -179,6 +195,15 @@ class NodeHandle implements FileHandle {
 }
 
 /** fs.read and fs.write with callbacks cost less CPU per call than FileHandle's promise methods. */
+/** Prefetches land here and are never looked at, so one buffer serves all of them at once. */
+let scratch: Buffer | undefined;
+const PREFETCH_MAX_BYTES = 1024 * 1024;
+
+function prefetchScratch(): Buffer {
+  scratch ??= allocateShifted(PREFETCH_MAX_BYTES);
+  return scratch;
+}
+
 function readOnPool(fd: number, buffer: Uint8Array, offset: number, length: number, position: number): Promise<number> {
   return new Promise((resolve, reject) => {
     read(fd, buffer, offset, length, position, (error, bytesRead) => (error === null ? resolve(bytesRead) : reject(error)));

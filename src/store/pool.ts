@@ -77,6 +77,7 @@ import {
 } from './journal.js';
 import { validateLabels, validateName, type Labels } from './names.js';
 import { acquireLock, releaseLock } from './pool-lock.js';
+import { READAHEAD_STEP_BYTES, SequentialReadahead } from './readahead.js';
 import type { BlockDevice, ExportCatalog, ExportDescription, Extent, ReadPiece, ZeroOptions } from './types.js';
 
 export const BLOCK_SIZE = 4096;
@@ -97,6 +98,8 @@ const FLATTEN_STEP = 256;
 const FOLD_GATE_ATTEMPTS = 3;
 /** Most extents one blockStatus call returns; NBD lets a reply cover less than asked. */
 const MAX_STATUS_RUNS = 4096;
+/** Reads ahead under way at most, pool-wide (see #readAhead); more are not started. */
+const MAX_READS_AHEAD = 64;
 const TRIM_COMMIT_DELAY_MS = 500;
 const FREE_SPACE_REFRESH_MS = 1000;
 
@@ -174,6 +177,7 @@ interface Volume {
   layer: Layer;
   readonly gate: Gate;
   readonly locks: BlockLocks;
+  readonly readahead: SequentialReadahead;
   deleted: boolean;
 }
 
@@ -232,6 +236,17 @@ interface DataRun {
  * has more than one run and the bytes between them are no more than its own; else undefined.
  */
 function spanningLayer(runs: readonly DataRun[]): DataRun | undefined {
+  const major = majorLayer(runs);
+  const own = runs.filter(({ layer }) => layer === major);
+  if (own.length < 2) return undefined;
+  let majorBytes = 0;
+  for (const { from, to } of own) majorBytes += to - from;
+  const span = { from: own[0]!.from, to: own[own.length - 1]!.to, layer: major! };
+  return span.to - span.from <= 2 * majorBytes ? span : undefined;
+}
+
+/** The layer holding most of the runs' bytes (the first to get there, on a tie). */
+function majorLayer(runs: readonly DataRun[]): number | undefined {
   const bytesOf = new Map<number, number>();
   let major: number | undefined;
   let majorBytes = 0;
@@ -240,10 +255,7 @@ function spanningLayer(runs: readonly DataRun[]): DataRun | undefined {
     bytesOf.set(layer, bytes);
     if (bytes > majorBytes) [major, majorBytes] = [layer, bytes];
   }
-  const own = runs.filter(({ layer }) => layer === major);
-  if (own.length < 2) return undefined;
-  const span = { from: own[0]!.from, to: own[own.length - 1]!.to, layer: major! };
-  return span.to - span.from <= 2 * majorBytes ? span : undefined;
+  return major;
 }
 
 /** The I/O a handle needs; bound to one pool. */
@@ -343,6 +355,7 @@ export class Pool implements ExportCatalog {
   #nextLayerId = FIRST_LAYER_ID;
   /** Reads and writes started and not finished, all volumes together. */
   #ioUnderWay = 0;
+  #readsAhead = 0;
   #generation = 0;
   #journal: Journal | undefined;
 
@@ -737,6 +750,7 @@ export class Pool implements ExportCatalog {
           else pieces.push({ kind: 'data', offset: from, data: into.subarray(from - offset, to - offset) });
           runs.push({ from, to, layer: value });
         });
+        this.#readAhead(volume, offset, end);
         await (into === undefined ? Promise.all(reads) : this.#readRuns(runs, into, offset));
         return pieces;
       } finally {
@@ -744,6 +758,40 @@ export class Pool implements ExportCatalog {
       }
     } finally {
       this.#ioUnderWay--;
+    }
+  }
+
+  /**
+   * Starts reading other layers' blocks ahead of a sequential reader (see readahead.ts): in each
+   * step of the range, every run of a layer other than the one holding most of the step's bytes.
+   * That one the kernel reads ahead by itself, since its reads are sequential in its file.
+   */
+  #readAhead(volume: Volume, from: number, to: number): void {
+    const range = volume.readahead.advance(from, to, volume.size);
+    if (range === undefined) return;
+    for (let step = range[0]; step < range[1]; step += READAHEAD_STEP_BYTES) {
+      const runs: DataRun[] = [];
+      const stepEnd = Math.min(step + READAHEAD_STEP_BYTES, range[1]);
+      volume.layer.map.runs(Math.floor(step / BLOCK_SIZE), blocksOf(stepEnd), (start, stop, value) => {
+        if (value >= FIRST_LAYER_ID) runs.push({ from: start * BLOCK_SIZE, to: stop * BLOCK_SIZE, layer: value });
+      });
+      const major = majorLayer(runs);
+      for (const run of runs) {
+        if (run.layer === major) continue;
+        if (this.#readsAhead >= MAX_READS_AHEAD) return;
+        void this.#readLayerAhead(this.#layers.get(run.layer)!, run.from, run.to - run.from);
+      }
+    }
+  }
+
+  async #readLayerAhead(layer: Layer, position: number, length: number): Promise<void> {
+    this.#readsAhead++;
+    try {
+      await (await this.#file(layer, false))?.prefetch(position, length);
+    } catch {
+      // Only a hint: the read that needs these blocks reports what is wrong with the file.
+    } finally {
+      this.#readsAhead--;
     }
   }
 
@@ -1097,7 +1145,7 @@ export class Pool implements ExportCatalog {
   #addVolume(identity: VolumeIdentity, layer: Layer): Volume {
     if (this.#volumes.has(identity.name)) throw new Error(`volume ${identity.name} exists`);
     const { name, kind, size, parent, createdAt, labels } = identity;
-    const volume: Volume = { name, kind, size, parent, createdAt, labels, layer, gate: new Gate(), locks: new BlockLocks(), deleted: false };
+    const volume: Volume = { name, kind, size, parent, createdAt, labels, layer, gate: new Gate(), locks: new BlockLocks(), readahead: new SequentialReadahead(), deleted: false };
     if (kind === 'volume') layer.owner = volume;
     layer.refs++;
     this.#volumes.set(name, volume);

@@ -177,6 +177,8 @@ export class MemoryFiles implements FileLayer {
         inode.data.copy(buffer, offset, position, position + available);
         return available;
       },
+      // Memory has no cache to warm; a stale handle still fails as a read would.
+      prefetch: async () => live(),
       write: async (buffer, offset, length, position) => {
         change({ kind: 'write', position, bytes: Buffer.from(buffer.subarray(offset, offset + length)) });
       },

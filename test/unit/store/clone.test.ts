@@ -9,12 +9,14 @@ const MiB = 1024 * 1024;
 const fixture = usePoolFixture();
 const openPool = (options: PoolOptions = {}): Promise<Pool> => fixture.openPool(options);
 
-/** The real file layer, noting every read transfer as [position, length]. */
-function countingReads(): { files: FileLayer; reads: Array<[number, number]> } {
+/** The real file layer, noting every read transfer and every prefetch as [position, length]. */
+function countingReads(): { files: FileLayer; reads: Array<[number, number]>; prefetches: Array<[number, number]> } {
   const files = nodeFileLayer();
   const reads: Array<[number, number]> = [];
+  const prefetches: Array<[number, number]> = [];
   return {
     reads,
+    prefetches,
     files: {
       ...files,
       async open(path, mode) {
@@ -23,6 +25,10 @@ function countingReads(): { files: FileLayer; reads: Array<[number, number]> } {
           read(buffer, offset, length, position, alone) {
             reads.push([position, length]);
             return handle.read(buffer, offset, length, position, alone);
+          },
+          prefetch(position, length) {
+            prefetches.push([position, length]);
+            return handle.prefetch(position, length);
           },
           write: (buffer, offset, length, position, alone) => handle.write(buffer, offset, length, position, alone),
           sync: () => handle.sync(),
@@ -36,17 +42,19 @@ function countingReads(): { files: FileLayer; reads: Array<[number, number]> } {
 }
 
 /**
- * A pool whose file layer counts reads, with 'base' (1 MiB) written in full and its clone 'c'
- * open; `expected` is what 'c' reads so far.
+ * A pool whose file layer counts reads, with 'base' (`size` bytes) written in full and its clone
+ * 'c' open; `expected` is what 'c' reads so far.
  */
-async function cloneOfWrittenVolume(): Promise<{ c: BlockDevice; expected: Buffer; reads: Array<[number, number]> }> {
-  const { files, reads } = countingReads();
+async function cloneOfWrittenVolume(
+  size = MiB,
+): Promise<{ c: BlockDevice; expected: Buffer; reads: Array<[number, number]>; prefetches: Array<[number, number]> }> {
+  const { files, reads, prefetches } = countingReads();
   const pool = await openPool({ files });
-  await pool.createVolume('base', MiB);
-  const expected = pattern(MiB, 1);
+  await pool.createVolume('base', size);
+  const expected = pattern(size, 1);
   await (await pool.open('base')).write(0, expected, false);
   await pool.clone('base', 'c');
-  return { c: await pool.open('c'), expected, reads };
+  return { c: await pool.open('c'), expected, reads, prefetches };
 }
 
 /** Reads the range into one buffer, as the NBD server does, and lays out what the pieces say. */
@@ -271,6 +279,29 @@ describe('snapshots and clones', () => {
       [4096, MiB - 8192],
       [MiB - 4096, 4096],
     ]);
+  });
+
+  it("reads a clone's own blocks ahead of a sequential reader, and nothing ahead of random reads", async () => {
+    const size = 16 * MiB;
+    const { c, expected, prefetches } = await cloneOfWrittenVolume(size);
+    const own: number[] = [];
+    for (let offset = 64 * 1024; offset < size; offset += 512 * 1024) {
+      const block = pattern(4096, offset);
+      await c.write(offset, block, false);
+      block.copy(expected, offset);
+      own.push(offset);
+    }
+    for (const at of [5, 1, 9, 3, 12]) {
+      expect(sameBytes(await readInto(c, at * MiB, MiB), expected.subarray(at * MiB, (at + 1) * MiB))).toBe('same');
+    }
+    expect(prefetches, 'no read ahead for reads out of order').toEqual([]);
+    for (let at = 0; at < size; at += MiB) {
+      expect(sameBytes(await readInto(c, at, MiB), expected.subarray(at, at + MiB))).toBe('same');
+    }
+    // The second read in a row starts the stream at 2 MiB; the base, read sequentially, is left
+    // to the kernel.
+    const ahead = own.filter((offset) => offset >= 2 * MiB).map((offset) => [offset, 4096]);
+    expect(prefetches.sort(([a], [b]) => a - b)).toEqual(ahead);
   });
 
   it('gives disk space back after trim (du falls)', async () => {

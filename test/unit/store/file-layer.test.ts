@@ -36,6 +36,21 @@ describe('node file layer', () => {
     await Promise.all([...reads, write]);
     expect(settled.indexOf('close')).toBe(17);
   });
+
+  it('prefetches inside and past the end of a file, and closes only after its prefetches are done', async () => {
+    dir = await mkdtemp(join(tmpdir(), 'clonebd-files-'));
+    const path = join(dir, 'data');
+    await writeFile(path, Buffer.alloc(3 * MiB, 7));
+    const handle = await nodeFileLayer().open(path, 'read');
+    const settled: string[] = [];
+    const prefetches = [0, 2 * MiB + 4096, 8 * MiB].map((position) =>
+      handle.prefetch(position, 2 * MiB).then(() => settled.push('prefetch')),
+    );
+    await handle.close();
+    settled.push('close');
+    await Promise.all(prefetches);
+    expect(settled).toEqual(['prefetch', 'prefetch', 'prefetch', 'close']);
+  });
 });
 
 describe('largest file probe', () => {
