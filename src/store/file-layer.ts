@@ -65,6 +65,11 @@ export class SyncIoPolicy {
     }
     return result;
   }
+
+  /** Whether transfers have lately been slower than the page cache serves them. */
+  missingCache(): boolean {
+    return performance.now() < this.#asyncUntil || this.#slowShare > SYNC_IO_SLOW_SHARE / 2;
+  }
 }
 
 export interface FileHandle {
@@ -75,7 +80,8 @@ export interface FileHandle {
   read(buffer: Uint8Array, offset: number, length: number, position: number, alone?: boolean): Promise<number>;
   /**
    * Brings up to `length` bytes at `position` into the page cache, off the event loop, for a read
-   * that comes soon; settles once they are there or the attempt failed.
+   * that comes soon; settles once they are there or the attempt failed. Does nothing while
+   * transfers are served from the cache: reading ahead what is there already only costs CPU.
    */
   prefetch(position: number, length: number): Promise<void>;
   /** Writes all `length` bytes or throws; `alone` as for read(). */
@@ -150,6 +156,7 @@ class NodeHandle implements FileHandle {
   }
 
   async prefetch(position: number, length: number): Promise<void> {
+    if (!this.#policy.missingCache()) return;
     const target = prefetchScratch();
     this.#onPool++;
     try {
@@ -233,9 +240,9 @@ function writeFully(fd: number, buffer: Uint8Array, offset: number, length: numb
 }
 
 /** The FileLayer over node:fs/promises. */
-export function nodeFileLayer(): FileLayer {
+/** `policy`: when transfers may run on the event loop; one per layer, shared by its handles. */
+export function nodeFileLayer(policy = new SyncIoPolicy()): FileLayer {
   let fallocateMissing = false;
-  const policy = new SyncIoPolicy();
   return {
     async open(path, mode) {
       return new NodeHandle(await open(path, FLAGS[mode], 0o600), policy);

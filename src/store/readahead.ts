@@ -7,7 +7,8 @@
  * waits for its slowest block, so at a small queue depth a cold sequential reader is held to the
  * disk's random-read latency (measured here: 1 MiB reads of a depth-32 clone at 0.5-0.7x of its
  * base at QD1, 0.7-0.8x at QD8, and even at QD32). Reading those blocks into the page cache a few
- * megabytes before the reader arrives takes their latency off its path.
+ * megabytes before the reader arrives takes their latency off its path. The file layer skips
+ * read-ahead while the page cache serves transfers, where it would only cost CPU.
  *
  * A volume has one tracker; a read that starts where the last one ended continues the stream, any
  * other starts a new one. Only the second sequential read in a row starts reading ahead, so random

@@ -2,7 +2,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { nodeFileLayer } from '../../../src/store/file-layer.js';
+import { SyncIoPolicy, nodeFileLayer } from '../../../src/store/file-layer.js';
 
 const MiB = 1024 * 1024;
 let dir: string | undefined;
@@ -41,7 +41,13 @@ describe('node file layer', () => {
     dir = await mkdtemp(join(tmpdir(), 'clonebd-files-'));
     const path = join(dir, 'data');
     await writeFile(path, Buffer.alloc(3 * MiB, 7));
-    const handle = await nodeFileLayer().open(path, 'read');
+    // As while the disk serves the reads; with the cache serving them, prefetch does nothing.
+    class ColdCache extends SyncIoPolicy {
+      override missingCache(): boolean {
+        return true;
+      }
+    }
+    const handle = await nodeFileLayer(new ColdCache()).open(path, 'read');
     const settled: string[] = [];
     const prefetches = [0, 2 * MiB + 4096, 8 * MiB].map((position) =>
       handle.prefetch(position, 2 * MiB).then(() => settled.push('prefetch')),

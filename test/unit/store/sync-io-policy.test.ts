@@ -47,6 +47,15 @@ describe('synchronous small I/O', () => {
     expect(ran).toBe(false);
   });
 
+  it('says the page cache is missing while slow transfers are frequent, and not while it serves them', () => {
+    const policy = new SyncIoPolicy();
+    expect(policy.missingCache()).toBe(false);
+    for (let i = 0; i < 20; i++) policy.attempt(4096, () => 1);
+    expect(policy.missingCache()).toBe(false);
+    while (policy.attempt(4096, () => busyFor(1)) !== undefined);
+    expect(policy.missingCache()).toBe(true);
+  });
+
   it('runs a transfer of a caller with nothing else under way on the spot, even while backing off', () => {
     const policy = new SyncIoPolicy();
     while (policy.attempt(4096, () => busyFor(1)) !== undefined);
