@@ -22,8 +22,8 @@
  */
 import { execFile } from 'node:child_process';
 import { read, readSync, write, writeSync } from 'node:fs';
-import { allocateShifted } from '../util/buffer-pool.js';
 import { constants, open, mkdir, readdir, rename, statfs, unlink, type FileHandle as NodeFileHandle } from 'node:fs/promises';
+import { allocateShifted } from '../util/buffer-pool.js';
 
 const PROBE_BLOCK = 4096;
 /** Largest transfer tried synchronously. */
@@ -201,7 +201,6 @@ class NodeHandle implements FileHandle {
   }
 }
 
-/** fs.read and fs.write with callbacks cost less CPU per call than FileHandle's promise methods. */
 /** Prefetches land here and are never looked at, so one buffer serves all of them at once. */
 let scratch: Buffer | undefined;
 const PREFETCH_MAX_BYTES = 1024 * 1024;
@@ -211,6 +210,7 @@ function prefetchScratch(): Buffer {
   return scratch;
 }
 
+/** fs.read and fs.write with callbacks cost less CPU per call than FileHandle's promise methods. */
 function readOnPool(fd: number, buffer: Uint8Array, offset: number, length: number, position: number): Promise<number> {
   return new Promise((resolve, reject) => {
     read(fd, buffer, offset, length, position, (error, bytesRead) => (error === null ? resolve(bytesRead) : reject(error)));
@@ -239,8 +239,10 @@ function writeFully(fd: number, buffer: Uint8Array, offset: number, length: numb
   return done;
 }
 
-/** The FileLayer over node:fs/promises. */
-/** `policy`: when transfers may run on the event loop; one per layer, shared by its handles. */
+/**
+ * The FileLayer over node:fs/promises. `policy`: when transfers may run on the event loop; one per
+ * layer, shared by its handles.
+ */
 export function nodeFileLayer(policy = new SyncIoPolicy()): FileLayer {
   let fallocateMissing = false;
   return {
