@@ -236,24 +236,21 @@ interface DataRun {
  * has more than one run and the bytes between them are no more than its own; else undefined.
  */
 function spanningLayer(runs: readonly DataRun[]): DataRun | undefined {
-  const major = majorLayer(runs);
-  const own = runs.filter(({ layer }) => layer === major);
+  const { layer, bytes } = majorLayer(runs);
+  const own = runs.filter((run) => run.layer === layer);
   if (own.length < 2) return undefined;
-  let majorBytes = 0;
-  for (const { from, to } of own) majorBytes += to - from;
-  const span = { from: own[0]!.from, to: own[own.length - 1]!.to, layer: major! };
-  return span.to - span.from <= 2 * majorBytes ? span : undefined;
+  const span = { from: own[0]!.from, to: own[own.length - 1]!.to, layer: layer! };
+  return span.to - span.from <= 2 * bytes ? span : undefined;
 }
 
-/** The layer holding most of the runs' bytes (the first to get there, on a tie). */
-function majorLayer(runs: readonly DataRun[]): number | undefined {
+/** The layer holding most of the runs' bytes (the first to get there, on a tie), and those bytes. */
+function majorLayer(runs: readonly DataRun[]): { layer: number | undefined; bytes: number } {
   const bytesOf = new Map<number, number>();
-  let major: number | undefined;
-  let majorBytes = 0;
+  const major: { layer: number | undefined; bytes: number } = { layer: undefined, bytes: 0 };
   for (const { from, to, layer } of runs) {
     const bytes = (bytesOf.get(layer) ?? 0) + to - from;
     bytesOf.set(layer, bytes);
-    if (bytes > majorBytes) [major, majorBytes] = [layer, bytes];
+    if (bytes > major.bytes) [major.layer, major.bytes] = [layer, bytes];
   }
   return major;
 }
@@ -355,6 +352,7 @@ export class Pool implements ExportCatalog {
   #nextLayerId = FIRST_LAYER_ID;
   /** Reads and writes started and not finished, all volumes together. */
   #ioUnderWay = 0;
+  /** Prefetches started by #readAhead and not settled. */
   #readsAhead = 0;
   #generation = 0;
   #journal: Journal | undefined;
@@ -775,7 +773,7 @@ export class Pool implements ExportCatalog {
       volume.layer.map.runs(Math.floor(step / BLOCK_SIZE), blocksOf(stepEnd), (start, stop, value) => {
         if (value >= FIRST_LAYER_ID) runs.push({ from: start * BLOCK_SIZE, to: stop * BLOCK_SIZE, layer: value });
       });
-      const major = majorLayer(runs);
+      const major = majorLayer(runs).layer;
       for (const run of runs) {
         if (run.layer === major) continue;
         if (this.#readsAhead >= MAX_READS_AHEAD) return;
