@@ -26,6 +26,7 @@ import { parseFioReport, rowJobArgs, ROWS, type Row } from './bench-fio.js';
 import { CHAIN_DEPTH, dirtiedBy, diskEstimate, LAYOUT_LABELS, LEVEL_WRITE_DIVISOR, type Layout } from './bench-layouts.js';
 import { runCloneMemory, runMapMemory } from './bench-memory.js';
 import { interleave, parseBenchOptions, USAGE, type BenchOptions } from './bench-options.js';
+import { holdPageReporting } from './bench-page-reporting.js';
 import { clockTicksPerSecond, machineInfo, readCpuTicks, readPeakRssBytes, resetPeakRss, type MachineInfo } from './bench-procfs.js';
 import {
   controlEntries,
@@ -250,7 +251,7 @@ function machineLine(machine: MachineInfo, versions: Record<string, string>): st
   );
 }
 
-function methodLine(options: BenchOptions): string {
+function methodLine(options: BenchOptions, memoryNote: string): string {
   const drop =
     dropMethod() === 'drop_caches'
       ? 'sync and drop the page cache'
@@ -259,7 +260,8 @@ function methodLine(options: BenchOptions): string {
     `Method: fio ioengine=nbd over TCP on ${HOST}, fio on the same cores as the servers; ` +
     `median of ${options.rounds} round${options.rounds === 1 ? '' : 's'} (min–max), ${options.durationSeconds} s per run, ` +
     `${options.exportSize / 2 ** 30} GiB exports, servers interleaved forward then reversed. ` +
-    `Before every run: ${drop} (cold), then read every allocated byte of every file of the tested export's chain once, holes skipped (warm).`
+    `Before every run: ${drop} (cold), then read every allocated byte of every file of the tested export's chain once, holes skipped (warm). ` +
+    `Free memory: ${memoryNote}.`
   );
 }
 
@@ -308,9 +310,17 @@ async function runMatrix(
   );
   const fioDir = join(work, 'fio');
   await mkdir(fioDir);
-  const started = await startExports(planned, join(work, 'exports'), options.exportSize, warnings);
-  if (started.length === 0) throw new Error('no server started; nothing to measure');
-  const samples = await measure(started, rows, options, fioDir, warnings);
+  const reporting = await holdPageReporting(log);
+  if (reporting.warning !== undefined) warnings.push(reporting.warning);
+  let samples: Sample[];
+  let started: Started[];
+  try {
+    started = await startExports(planned, join(work, 'exports'), options.exportSize, warnings);
+    if (started.length === 0) throw new Error('no server started; nothing to measure');
+    samples = await measure(started, rows, options, fioDir, warnings);
+  } finally {
+    await reporting.restore();
+  }
 
   const names = [...new Set(started.map(({ running }) => running.name))];
   const targetOf = (name: string): Target => started.find(({ running }) => running.name === name)!.target;
@@ -355,7 +365,7 @@ async function runMatrix(
     preamble: [
       machineLine(machine, versions),
       '',
-      methodLine(options),
+      methodLine(options, reporting.note),
       '',
       ...layoutLines(options.layouts),
       '',
@@ -407,6 +417,7 @@ async function runMatrix(
     markdown,
     chart,
     json: {
+      freeMemory: reporting.note,
       rows,
       layouts: options.layouts,
       targets: started.map(({ target, running }) => ({
