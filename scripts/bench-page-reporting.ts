@@ -1,12 +1,13 @@
 /**
  * Free memory in one state for every job. On a virtual machine with free page reporting
  * (virtio-balloon), the guest tells the host which free pages it may take back, and the host does;
- * the kernel handing such a page out again costs a fault on the host. Measured on this project's
- * machine: 2 GB of buffered writes into a new file run at 3.6 GB/s right after the page cache was
- * dropped and at 0.65 GB/s five seconds later, once the freed pages were reported (reporting starts
- * about 2 s after pages are freed and takes about 1.5 GiB per pass, one pass every 2.5 s). A job's
- * figures would then depend on how much the job before it freed, and when: 1 MiB first writes into
- * a clone read 0.36× of those into an empty volume in one run, 1.00× with reporting paused.
+ * the kernel handing such a page out again costs a fault on the host. Measured on the machine of
+ * the README's figures: 2 GB of buffered writes into a new file run at 3.6 GB/s right after the
+ * page cache was dropped and at 0.65 GB/s five seconds later, once the freed pages were reported
+ * (reporting starts about 2 s after pages are freed and takes about 1.5 GiB per pass, one pass
+ * every 2.5 s). A job's figures would then depend on how much the job before it freed, and when:
+ * 1 MiB first writes into a clone read 0.36× of those into an empty volume in one run, 1.00× with
+ * reporting paused.
  *
  * For the run, the bench raises the smallest block order the kernel reports past the largest order
  * its allocator has, so nothing more is reported and memory behaves as on a physical machine, the
