@@ -23,11 +23,12 @@ import {
   type TlsFiles,
   type TlsMode,
 } from '../server/index.js';
-import { Pool } from '../store/index.js';
+import { nodeFileLayer, Pool, SyncIoPolicy } from '../store/index.js';
 import { OperationError } from '../util/errors.js';
 import { Registry } from '../util/metrics.js';
 import { poolGauges, startMetricsEndpoint } from './metrics-endpoint.js';
 import { parseListen, parseSize, type HostPort } from './parse.js';
+import { fileIoOnIoUring } from './server-env.js';
 import { stopSignal } from './stop-signal.js';
 
 export const DEFAULT_LISTEN = '127.0.0.1:10809';
@@ -139,8 +140,11 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
   checkServerSettings(settings);
   const isNewPool = (await readdir(options.pool).catch(() => [])).length === 0;
   await mkdir(options.pool, { recursive: true });
+  const ioUring = fileIoOnIoUring();
   const pool = await Pool.open(options.pool, {
     logger: logger.child({ component: 'store' }),
+    // The server polls over a lone request with io_uring, so a lone slow read need not hold the loop.
+    files: nodeFileLayer(new SyncIoPolicy({ loneReadsWaitOnSpot: !ioUring })),
     ...(options.capacity === undefined ? {} : { capacityBytes: options.capacity }),
   });
   if (options.defaultVolume && isNewPool) {
@@ -148,7 +152,7 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
     logger.info({ volume: DEFAULT_VOLUME_NAME, size: DEFAULT_VOLUME_SIZE }, 'created the demo volume');
   }
   const registry = metricsAddress === undefined ? undefined : new Registry();
-  const server = new NbdServer({ catalog: pool, logger: logger.child({ component: 'nbd' }), metrics: registry, ...settings });
+  const server = new NbdServer({ catalog: pool, logger: logger.child({ component: 'nbd' }), metrics: registry, fileIoOnIoUring: ioUring, ...settings });
   const admin = new AdminServer({ store: pool, attachments: server, logger: logger.child({ component: 'admin' }) });
   let address: AddressInfo;
   let adminTcpAddress: AddressInfo | undefined;
@@ -179,7 +183,7 @@ export async function serve(options: ServeOptions, logger: Logger): Promise<void
     { pool: options.pool, address: address.address, port: address.port, socket: options.socket, tls: tls.mode, admin: adminSocketPath(options.pool), adminTcp: adminTcpAddress, metrics: metricsEndpoint?.address },
     'listening',
   );
-  if (process.env.UV_USE_IO_URING !== '1') {
+  if (!ioUring) {
     logger.info('file I/O runs on the libuv thread pool; UV_USE_IO_URING=1 in the environment (as npm start sets it) makes reads that miss the page cache cheaper');
   }
   await stopped;

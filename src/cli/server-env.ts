@@ -13,6 +13,11 @@
  */
 const SERVER_ENVIRONMENT_DEFAULTS = { UV_USE_IO_URING: '1', UV_THREADPOOL_SIZE: '16' } as const;
 
+/** Whether libuv hands this process's file I/O to io_uring, as far as the environment says. */
+export function fileIoOnIoUring(env: NodeJS.ProcessEnv = process.env): boolean {
+  return env.UV_USE_IO_URING === '1';
+}
+
 export function serverEnvironment(env: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
   return { ...SERVER_ENVIRONMENT_DEFAULTS, ...env };
 }

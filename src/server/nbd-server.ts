@@ -52,6 +52,8 @@ export interface ServerOptions {
   tls?: ServerTls;
   /** Read-only and allow-lists per export on public listeners; everything open when absent. */
   access?: AccessPolicy;
+  /** libuv hands this process's file I/O to io_uring (UV_USE_IO_URING=1): busy polling may go on over a lone request. */
+  fileIoOnIoUring?: boolean;
 }
 
 type Settings = Pick<ServerOptions, 'tls' | 'access' | 'limits'>;
@@ -120,7 +122,7 @@ export class NbdServer {
     this.#tlsMode = resolved.tlsMode;
     this.#tls = resolved.tls;
     this.#access = resolved.access;
-    this.#busyPoll = new BusyPoll(this.#limits.busyPollUs);
+    this.#busyPoll = new BusyPoll(this.#limits.busyPollUs, { overLoneRequest: options.fileIoOnIoUring === true });
     if (options.metrics !== undefined) {
       this.#metrics = new ServerMetrics(options.metrics);
       options.metrics.gauge('clonebd_nbd_connections', 'Open NBD connections', () => [[{}, this.#sessions.size]]);

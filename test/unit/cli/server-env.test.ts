@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { serverEnvironment } from '../../../src/cli/server-env.js';
+import { fileIoOnIoUring, serverEnvironment } from '../../../src/cli/server-env.js';
 
 describe('serverEnvironment', () => {
   it('turns io_uring on and sizes the thread pool where the environment is silent', () => {
@@ -10,5 +10,13 @@ describe('serverEnvironment', () => {
   it('keeps what the environment already says', () => {
     const env = serverEnvironment({ UV_USE_IO_URING: '0', UV_THREADPOOL_SIZE: '4' });
     expect(env).toEqual({ UV_USE_IO_URING: '0', UV_THREADPOOL_SIZE: '4' });
+  });
+});
+
+describe('fileIoOnIoUring', () => {
+  it('is true only where the environment turns io_uring on', () => {
+    expect(fileIoOnIoUring(serverEnvironment({}))).toBe(true);
+    expect(fileIoOnIoUring({ UV_USE_IO_URING: '0' })).toBe(false);
+    expect(fileIoOnIoUring({})).toBe(false);
   });
 });

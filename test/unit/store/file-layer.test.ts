@@ -59,6 +59,43 @@ describe('node file layer', () => {
   });
 });
 
+describe('lone transfers while slow ones are frequent', () => {
+  /** A policy backing off, as after a run of reads from the disk, that notes what it was asked. */
+  class BackingOff extends SyncIoPolicy {
+    readonly asked: boolean[] = [];
+    override attempt(length: number, transfer: () => number, alone = false): number | undefined {
+      this.asked.push(alone);
+      return alone ? transfer() : undefined;
+    }
+  }
+
+  async function loneTransfers(policy: BackingOff): Promise<void> {
+    dir = await mkdtemp(join(tmpdir(), 'clonebd-files-'));
+    const path = join(dir, 'data');
+    await writeFile(path, Buffer.alloc(8192, 5));
+    const handle = await nodeFileLayer(policy).open(path, 'readWrite');
+    const into = Buffer.alloc(4096);
+    expect(await handle.read(into, 0, 4096, 0, true)).toBe(4096);
+    expect(into.every((byte) => byte === 5)).toBe(true);
+    await handle.write(Buffer.alloc(4096, 9), 0, 4096, 4096, true);
+    expect(await handle.read(into, 0, 4096, 4096, true)).toBe(4096);
+    expect(into.every((byte) => byte === 9)).toBe(true);
+    await handle.close();
+  }
+
+  it('are done on the spot by default, reads and writes', async () => {
+    const policy = new BackingOff();
+    await loneTransfers(policy);
+    expect(policy.asked).toEqual([true, true, true]);
+  });
+
+  it('send lone reads off the loop when the loop polls for them, and still write on the spot', async () => {
+    const policy = new BackingOff({ loneReadsWaitOnSpot: false });
+    await loneTransfers(policy);
+    expect(policy.asked).toEqual([false, true, false]);
+  });
+});
+
 describe('largest file probe', () => {
   it('finds the largest size a file on the file system can be truncated to, and removes its probe', async () => {
     dir = await mkdtemp(join(tmpdir(), 'clonebd-files-'));
