@@ -41,7 +41,7 @@ What runs: the fio matrix by default; --clone-timing and/or --memory instead (ad
                        4 KiB blocks written into one 16 GiB volume (after writing, after a restart)
   --matrix             run the fio matrix too when --clone-timing or --memory is given
 Matrix:
-  --quick              2 s per run instead of 10 s; smaller memory part (200 clones, 100,000 blocks)
+  --quick              2 s per run instead of 5 s; smaller memory part (200 clones, 100,000 blocks)
   --rounds N           rounds of interleaved runs (default 3)
   --duration S         seconds per run (overrides --quick)
   --servers A,B,...    targets to run (default: all)
@@ -113,7 +113,7 @@ export function parseBenchOptions(
     parts: { matrix: values.matrix === true || (!cloneTiming && !memory), cloneTiming, memory },
     rounds: values.rounds === undefined ? 3 : positiveNumber(values.rounds, '--rounds', true),
     durationSeconds:
-      values.duration !== undefined ? positiveNumber(values.duration, '--duration', false) : quick ? 2 : 10,
+      values.duration !== undefined ? positiveNumber(values.duration, '--duration', false) : quick ? 2 : 5,
     servers: list(values.servers, known.servers, '--servers'),
     rows: list(values.rows, known.rows, '--rows'),
     layouts: list(values.layouts, LAYOUTS, '--layouts') as Layout[],

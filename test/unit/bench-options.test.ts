@@ -4,7 +4,7 @@ import { interleave, parseBenchOptions } from '../../scripts/bench-options.js';
 const known = { servers: ['clonebd', 'nbdkit', 'nbdkit-2'], rows: ['randread-4k-qd1', 'write-1m-qd8'] };
 
 describe('parseBenchOptions', () => {
-  it('defaults to the matrix: every server, row and layout, both cache states, 3 rounds of 10 s over 4 GiB', () => {
+  it('defaults to the matrix: every server, row and layout, both cache states, 3 rounds of 5 s over 4 GiB', () => {
     const options = parseBenchOptions([], known, '/tmp');
     expect(options).toMatchObject({
       parts: { matrix: true, cloneTiming: false, memory: false },
@@ -13,7 +13,7 @@ describe('parseBenchOptions', () => {
       clones: 1000,
       mapBlocks: 1_000_000,
       rounds: 3,
-      durationSeconds: 10,
+      durationSeconds: 5,
       servers: known.servers,
       rows: known.rows,
       caches: ['cold', 'warm'],
@@ -26,8 +26,8 @@ describe('parseBenchOptions', () => {
 
   it('shortens runs and the memory part with --quick unless told otherwise', () => {
     expect(parseBenchOptions(['--quick'], known, '/tmp')).toMatchObject({ durationSeconds: 2, clones: 200, mapBlocks: 100_000 });
-    expect(parseBenchOptions(['--quick', '--duration', '5', '--clones', '1000'], known, '/tmp')).toMatchObject({
-      durationSeconds: 5,
+    expect(parseBenchOptions(['--quick', '--duration', '7', '--clones', '1000'], known, '/tmp')).toMatchObject({
+      durationSeconds: 7,
       clones: 1000,
     });
   });
